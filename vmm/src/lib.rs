@@ -1,1 +1,19 @@
-//! vmm
+//! The VMM: VM lifecycle, boot, devices, the REST API and migration send/receive.
+//!
+//! Threads: the VMM thread runs [`controller::Vmm`], which owns the VM and serves every request
+//! in turn; the `http-server` thread parses API requests and hands them over; one thread per
+//! vCPU runs the guest.
+
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod controller;
+pub mod devices;
+pub mod interrupts;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+
+pub use controller::{start_vmm, VmmError, VmmParams};

@@ -1,0 +1,107 @@
+//! The KVM backend of the [`Hypervisor`](crate::Hypervisor), [`Vm`](crate::Vm) and
+//! [`Vcpu`](crate::Vcpu) traits.
+
+mod vcpu;
+mod vm;
+
+use std::sync::Arc;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Cap, Kvm};
+
+pub use self::vcpu::KvmVcpu;
+pub use self::vm::KvmVm;
+use crate::cpu::CpuIdEntry;
+use crate::hypervisor::{Hypervisor, HypervisorError, Result};
+use crate::vm::Vm;
+
+/// MSRs that KVM lists but that must not be carried between VMs: the KVM paravirtual clock and
+/// feature MSRs are re-established by the guest, and writing stale values back confuses it.
+const MSRS_NOT_MIGRATED: &[u32] = &[
+    0x4b56_4d00, // MSR_KVM_WALL_CLOCK_NEW
+    0x4b56_4d01, // MSR_KVM_SYSTEM_TIME_NEW
+];
+
+/// `/dev/kvm`.
+pub struct KvmHypervisor {
+    kvm: Kvm,
+}
+
+impl KvmHypervisor {
+    /// Opens `/dev/kvm` and checks the capabilities the VMM relies on.
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| HypervisorError::Open(e.into()))?;
+        let version = kvm.get_api_version();
+        if version != kvm_bindings::KVM_API_VERSION as i32 {
+            return Err(HypervisorError::ApiVersion(version));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(HypervisorError::MissingCapability(name));
+            }
+        }
+        Ok(KvmHypervisor { kvm })
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+        let fd = self
+            .kvm
+            .create_vm()
+            .map_err(|e| HypervisorError::CreateVm(e.into()))?;
+        let msrs = self.msr_index_list()?;
+        if !self.kvm.check_extension(Cap::Xsave) {
+            return Err(HypervisorError::MissingCapability("KVM_CAP_XSAVE"));
+        }
+        let has_xcrs = self.kvm.check_extension(Cap::Xcrs);
+        let has_debugregs = self.kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DEBUGREGS)) > 0;
+        Ok(Arc::new(KvmVm::new(
+            fd,
+            msrs,
+            vm::VcpuCaps {
+                xcrs: has_xcrs,
+                debugregs: has_debugregs,
+            },
+        )))
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| HypervisorError::SupportedCpuid(e.into()))?;
+        Ok(cpuid
+            .as_slice()
+            .iter()
+            .map(|e| CpuIdEntry {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect())
+    }
+
+    fn msr_index_list(&self) -> Result<Vec<u32>> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| HypervisorError::MsrList(e.into()))?;
+        Ok(list
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|m| !MSRS_NOT_MIGRATED.contains(m))
+            .collect())
+    }
+}

@@ -1,0 +1,333 @@
+//! A KVM VM.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_irq_routing_entry, kvm_irqchip,
+    kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress as KvmIoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+use super::vcpu::KvmVcpu;
+use crate::cpu::Vcpu;
+use crate::vm::{DataMatch, IoEventAddress, IrqRoute, Result, UserMemoryRegion, Vm, VmError, VmState};
+
+const KVMIO: u32 = 0xAE;
+ioctl_iow_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+
+/// Where KVM on Intel wants its TSS and identity map: three pages just below the BIOS area.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Which optional pieces of vCPU state this host can save.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct VcpuCaps {
+    pub xcrs: bool,
+    pub debugregs: bool,
+}
+
+/// A KVM VM: the VM file descriptor plus the slots the VMM registered.
+pub struct KvmVm {
+    fd: VmFd,
+    slots: Mutex<HashMap<u32, UserMemoryRegion>>,
+    msrs: Vec<u32>,
+    caps: VcpuCaps,
+    has_pit: Mutex<bool>,
+}
+
+impl KvmVm {
+    pub(crate) fn new(fd: VmFd, msrs: Vec<u32>, caps: VcpuCaps) -> Self {
+        KvmVm {
+            fd,
+            slots: Mutex::new(HashMap::new()),
+            msrs,
+            caps,
+            has_pit: Mutex::new(false),
+        }
+    }
+
+    fn kvm_region(r: &UserMemoryRegion) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot: r.slot,
+            guest_phys_addr: r.guest_phys_addr,
+            memory_size: r.memory_size,
+            userspace_addr: r.userspace_addr,
+            flags: if r.log_dirty_pages { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<u32, UserMemoryRegion>> {
+        // A poisoned lock only means another thread panicked while holding it; the map itself
+        // is always left consistent, so keep using it.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get_chip(&self, chip_id: u32) -> std::io::Result<kvm_irqchip> {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.fd.get_irqchip(&mut chip)?;
+        Ok(chip)
+    }
+}
+
+fn io(e: kvm_ioctls::Error) -> std::io::Error {
+    e.into()
+}
+
+fn kvm_ioevent_addr(addr: IoEventAddress) -> KvmIoEventAddress {
+    match addr {
+        IoEventAddress::Pio(a) => KvmIoEventAddress::Pio(a),
+        IoEventAddress::Mmio(a) => KvmIoEventAddress::Mmio(a),
+    }
+}
+
+impl Vm for KvmVm {
+    unsafe fn set_user_memory_region(&self, region: UserMemoryRegion) -> Result<()> {
+        let kvm_region = Self::kvm_region(&region);
+        // SAFETY: the caller guarantees the host mapping outlives the slot (this fn's contract).
+        unsafe { self.fd.set_user_memory_region(kvm_region) }.map_err(|e| {
+            VmError::SetMemoryRegion {
+                slot: region.slot,
+                source: io(e),
+            }
+        })?;
+        self.slots().insert(region.slot, region);
+        Ok(())
+    }
+
+    fn remove_user_memory_region(&self, slot: u32) -> Result<()> {
+        let mut slots = self.slots();
+        let region = slots.get(&slot).copied().ok_or(VmError::UnknownSlot(slot))?;
+        let mut kvm_region = Self::kvm_region(&region);
+        kvm_region.memory_size = 0;
+        kvm_region.flags = 0;
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced any more.
+        unsafe { self.fd.set_user_memory_region(kvm_region) }
+            .map_err(|e| VmError::SetMemoryRegion { slot, source: io(e) })?;
+        slots.remove(&slot);
+        Ok(())
+    }
+
+    fn set_dirty_logging(&self, slot: u32, enable: bool) -> Result<()> {
+        let mut slots = self.slots();
+        let region = slots.get_mut(&slot).ok_or(VmError::UnknownSlot(slot))?;
+        let mut changed = *region;
+        changed.log_dirty_pages = enable;
+        // SAFETY: same mapping as registered before (set_user_memory_region's contract still holds);
+        // only the flags change.
+        unsafe { self.fd.set_user_memory_region(Self::kvm_region(&changed)) }
+            .map_err(|e| VmError::SetMemoryRegion { slot, source: io(e) })?;
+        *region = changed;
+        Ok(())
+    }
+
+    fn enable_manual_dirty_log(&self) -> Result<bool> {
+        let supported = self
+            .fd
+            .check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+        if supported <= 0 {
+            return Ok(false);
+        }
+        let cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            // Only the "manual protect" bit: no initially-all-set, so GET behaves as usual for a
+            // freshly enabled slot.
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        self.fd
+            .enable_cap(&cap)
+            .map_err(|e| VmError::Setup("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", io(e)))?;
+        Ok(true)
+    }
+
+    fn get_dirty_log(&self, slot: u32, memory_size: u64) -> Result<Vec<u64>> {
+        let size = usize::try_from(memory_size).map_err(|_| VmError::UnknownSlot(slot))?;
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(|e| VmError::GetDirtyLog { slot, source: io(e) })
+    }
+
+    fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u32, bitmap: &[u64]) -> Result<()> {
+        if u64::from(num_pages) > bitmap.len() as u64 * 64 {
+            return Err(VmError::ClearDirtyLog {
+                slot,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        let mut arg = kvm_clear_dirty_log {
+            slot,
+            num_pages,
+            first_page,
+            ..Default::default()
+        };
+        arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_ptr() as *mut libc::c_void;
+        // SAFETY: `arg` points at `bitmap`, which holds at least `num_pages` bits (checked above)
+        // and outlives the call; the kernel only reads it.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &arg) };
+        if ret < 0 {
+            return Err(VmError::ClearDirtyLog {
+                slot,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    fn create_irqchip(&self) -> Result<()> {
+        self.fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| VmError::Setup("KVM_SET_TSS_ADDR", io(e)))?;
+        self.fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| VmError::Setup("KVM_SET_IDENTITY_MAP_ADDR", io(e)))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(|e| VmError::CreateIrqchip(io(e)))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(|e| VmError::CreatePit(io(e)))?;
+        *self.has_pit.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        Ok(())
+    }
+
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(|e| VmError::Irqfd { gsi, source: io(e) })
+    }
+
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(fd, gsi)
+            .map_err(|e| VmError::Irqfd { gsi, source: io(e) })
+    }
+
+    fn register_ioevent(&self, fd: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()> {
+        let a = kvm_ioevent_addr(addr);
+        let r = match datamatch {
+            DataMatch::Any => self.fd.register_ioevent(fd, &a, NoDatamatch),
+            DataMatch::U32(v) => self.fd.register_ioevent(fd, &a, v),
+            DataMatch::U64(v) => self.fd.register_ioevent(fd, &a, v),
+        };
+        r.map_err(|e| VmError::Ioevent { addr, source: io(e) })
+    }
+
+    fn unregister_ioevent(&self, fd: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()> {
+        let a = kvm_ioevent_addr(addr);
+        let r = match datamatch {
+            DataMatch::Any => self.fd.unregister_ioevent(fd, &a, NoDatamatch),
+            DataMatch::U32(v) => self.fd.unregister_ioevent(fd, &a, v),
+            DataMatch::U64(v) => self.fd.unregister_ioevent(fd, &a, v),
+        };
+        r.map_err(|e| VmError::Ioevent { addr, source: io(e) })
+    }
+
+    fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()> {
+        let entries: Vec<kvm_irq_routing_entry> = routes.iter().map(routing_entry).collect();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| VmError::GsiRouting(std::io::Error::from_raw_os_error(libc::E2BIG)))?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(|e| VmError::GsiRouting(io(e)))
+    }
+
+    fn set_irq_line(&self, irq: u32, active: bool) -> Result<()> {
+        self.fd
+            .set_irq_line(irq, active)
+            .map_err(|e| VmError::IrqLine(irq, io(e)))
+    }
+
+    fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::CreateVcpu(id, io(e)))?;
+        Ok(Box::new(KvmVcpu::new(fd, self.msrs.clone(), self.caps)))
+    }
+
+    fn state(&self) -> Result<VmState> {
+        let pic_master = self
+            .get_chip(KVM_IRQCHIP_PIC_MASTER)
+            .map_err(|e| VmError::SaveState("PIC master", e))?;
+        let pic_slave = self
+            .get_chip(KVM_IRQCHIP_PIC_SLAVE)
+            .map_err(|e| VmError::SaveState("PIC slave", e))?;
+        let ioapic = self
+            .get_chip(KVM_IRQCHIP_IOAPIC)
+            .map_err(|e| VmError::SaveState("IOAPIC", e))?;
+        let pit = if *self.has_pit.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(self.fd.get_pit2().map_err(|e| VmError::SaveState("PIT", io(e)))?)
+        } else {
+            None
+        };
+        let clock = if self.fd.check_extension(Cap::AdjustClock) {
+            self.fd.get_clock().ok()
+        } else {
+            None
+        };
+        Ok(VmState {
+            pic_master,
+            pic_slave,
+            ioapic,
+            pit,
+            clock,
+        })
+    }
+
+    fn set_state(&self, state: &VmState) -> Result<()> {
+        for (chip, name) in [
+            (&state.pic_master, "PIC master"),
+            (&state.pic_slave, "PIC slave"),
+            (&state.ioapic, "IOAPIC"),
+        ] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmError::RestoreState(name, io(e)))?;
+        }
+        if let Some(pit) = &state.pit {
+            self.fd
+                .set_pit2(pit)
+                .map_err(|e| VmError::RestoreState("PIT", io(e)))?;
+        }
+        if let Some(clock) = &state.clock {
+            let mut clock = *clock;
+            // Only the clock value is restored; flags describe the source host.
+            clock.flags = 0;
+            self.fd
+                .set_clock(&clock)
+                .map_err(|e| VmError::RestoreState("clock", io(e)))?;
+        }
+        Ok(())
+    }
+}
+
+fn routing_entry(route: &IrqRoute) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry::default();
+    match *route {
+        IrqRoute::Irqchip { gsi, chip, pin } => {
+            e.gsi = gsi;
+            e.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+            e.u.irqchip.irqchip = chip;
+            e.u.irqchip.pin = pin;
+        }
+        IrqRoute::Msi { gsi, address, data } => {
+            e.gsi = gsi;
+            e.type_ = KVM_IRQ_ROUTING_MSI;
+            e.u.msi.address_lo = address as u32;
+            e.u.msi.address_hi = (address >> 32) as u32;
+            e.u.msi.data = data;
+        }
+    }
+    e
+}

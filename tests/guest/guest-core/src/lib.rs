@@ -1,0 +1,21 @@
+//! Target-independent core of the freestanding test guest.
+//!
+//! Everything here is plain, safe(ish) Rust without any hardware access, so it builds for the
+//! guest (`no_std`) and is unit-tested on the host with `cargo test -p guest-core`:
+//!
+//! * [`buddy`]: the page allocator (free lists per order 0..=10, split and coalesce),
+//! * [`cmdline`]: the `key=value` command line parser,
+//! * [`pattern`]: the self-describing page pattern used to detect lost, stale or zero pages,
+//! * [`fmt`]: a tiny fixed-buffer formatter for serial lines.
+#![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+
+pub mod buddy;
+pub mod cmdline;
+pub mod fmt;
+pub mod pattern;
+
+/// Size of a base page (the unit of the allocator and of balloon PFNs).
+pub const PAGE_SIZE: u64 = 4096;
+/// log2 of [`PAGE_SIZE`].
+pub const PAGE_SHIFT: u32 = 12;

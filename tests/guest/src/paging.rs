@@ -1,0 +1,61 @@
+//! The identity map beyond the first GiB, built at CPL3.
+//!
+//! The boot code maps GiB 0 only (512 PDEs at emulated CPL0 speed). Here, at native speed, the
+//! page directories for every further GiB that holds RAM are filled while they are not yet part
+//! of the live hierarchy (so no write hits a shadowed page table), then linked into the PDPT
+//! with one CPL0 write each. 2 MiB pages, U=1 everywhere. RAM is write-back; everything else
+//! below 4 GiB (the MMIO hole: PCI windows, ECAM, IOAPIC, LAPIC) is uncached (PCD|PWT), as are
+//! extra MMIO windows the caller names (e.g. an ECAM above 4 GiB).
+
+use crate::boot::{boot_pds, boot_pdpt, NR_PDS};
+use crate::bootinfo::BootInfo;
+use crate::kernel::{flush_tlb, kernel_write64};
+
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+/// P | RW | US | PS
+const WB: u64 = 0x87;
+/// P | RW | US | PWT | PCD | PS
+const UC: u64 = 0x9f;
+
+/// Result of [`map_all`].
+pub struct Mapped {
+    /// One past the highest mapped address.
+    pub end: u64,
+    /// RAM above this was left unmapped (more than `NR_PDS` GiB).
+    pub truncated: bool,
+}
+
+/// Maps all RAM, the 3..4 GiB hole and `mmio` windows (`(start, len)`).
+pub fn map_all(bi: &BootInfo, mmio: &[(u64, u64)]) -> Mapped {
+    let ram_end = bi.ram_end();
+    let mut top = ram_end.max(4 * GIB);
+    for &(a, l) in mmio {
+        top = top.max(a + l);
+    }
+    let gibs = top.div_ceil(GIB).min(NR_PDS as u64);
+    let is_mmio = |a: u64, b: u64| a < 4 * GIB || mmio.iter().any(|&(s, l)| s < b && a < s + l);
+    for g in 1..gibs {
+        // SAFETY: boot_pds[g] (g >= 1) is not linked yet; nothing else references it.
+        let pd = unsafe { &mut *core::ptr::addr_of_mut!(boot_pds[g as usize]) };
+        let mut any = false;
+        for (i, e) in pd.iter_mut().enumerate() {
+            let a = g * GIB + i as u64 * MIB2;
+            *e = if bi.overlaps_ram(a, a + MIB2) {
+                a | WB
+            } else if is_mmio(a, a + MIB2) {
+                a | UC
+            } else {
+                0
+            };
+            any |= *e != 0;
+        }
+        if any {
+            let pd_pa = pd.as_ptr() as u64;
+            // SAFETY: a PDPT entry of an unused GiB, pointing to a fully built PD.
+            unsafe { kernel_write64(core::ptr::addr_of_mut!(boot_pdpt[g as usize]) as u64, pd_pa | 7) };
+        }
+    }
+    flush_tlb();
+    Mapped { end: gibs * GIB, truncated: top > gibs * GIB && ram_end > gibs * GIB }
+}

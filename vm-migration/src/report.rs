@@ -1,0 +1,191 @@
+//! The migration report returned by `vm.send-migration` (the JSON object in contract.md).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hints::HintStats;
+
+/// How a migration ended. Only completed migrations produce a report today.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationStatus {
+    /// The destination runs the VM.
+    #[default]
+    Completed,
+}
+
+/// Which free page hinting protocol was used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HintMode {
+    /// No hinting.
+    #[default]
+    None,
+    /// Standard `VIRTIO_BALLOON_F_FREE_PAGE_HINT` 4 MiB blocks.
+    Stock,
+    /// The guest-patch protocol reporting free ranges.
+    Ranges,
+}
+
+/// The `hints` object of the report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HintsReport {
+    /// Whether hints were requested in this migration.
+    pub used: bool,
+    /// The protocol used.
+    pub mode: HintMode,
+    /// The command id of the hint round (0 if none).
+    pub cmd_id: u32,
+    /// Milliseconds from the hint request to the driver's STOP (or the time limit).
+    pub wait_ms: f64,
+    /// Pages named by accepted hints.
+    pub pages_hinted: u64,
+    /// Pages left out of round 0 because they were hinted free.
+    pub pages_skipped: u64,
+    /// Hints rejected as invalid.
+    pub rejected: u64,
+}
+
+impl HintsReport {
+    /// The report of a hint round run in `mode`, waited on for `wait`.
+    pub fn from_stats(mode: HintMode, stats: &HintStats, wait: Duration) -> Self {
+        HintsReport {
+            used: true,
+            mode,
+            cmd_id: stats.cmd_id,
+            wait_ms: duration_ms(wait),
+            pages_hinted: stats.pages_hinted,
+            pages_skipped: stats.pages_skipped,
+            rejected: stats.rejected,
+        }
+    }
+}
+
+/// The report of a completed migration, serialized exactly as contract.md shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// `completed`.
+    pub status: MigrationStatus,
+    /// Milliseconds from the start of send-migration to completion.
+    pub total_ms: f64,
+    /// Milliseconds the VM was paused.
+    pub downtime_ms: f64,
+    /// Memory rounds sent, the final one included.
+    pub rounds: u32,
+    /// Guest RAM size in bytes.
+    pub memory_bytes: u64,
+    /// Guest memory payload sent, all rounds.
+    pub bytes_sent: u64,
+    /// Everything written to the transport.
+    pub wire_bytes: u64,
+    /// Pages sent, all rounds.
+    pub pages_sent: u64,
+    /// All-zero pages left out.
+    pub zero_pages_skipped: u64,
+    /// Free page hinting.
+    pub hints: HintsReport,
+}
+
+/// A duration in (fractional) milliseconds, as the report uses.
+pub fn duration_ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn serializes_with_the_contract_field_names() {
+        let stats = HintStats {
+            cmd_id: 2,
+            pages_hinted: 1024,
+            pages_skipped: 1024,
+            rejected: 1,
+            ..Default::default()
+        };
+        let report = MigrationReport {
+            total_ms: 420.5,
+            downtime_ms: 12.25,
+            rounds: 3,
+            memory_bytes: 1 << 30,
+            bytes_sent: 100 << 20,
+            wire_bytes: (100 << 20) + 4096,
+            pages_sent: 25600,
+            zero_pages_skipped: 7,
+            hints: HintsReport::from_stats(HintMode::Stock, &stats, Duration::from_millis(35)),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        let Value::Object(top) = &json else {
+            panic!("not an object")
+        };
+        let keys: Vec<&str> = top.keys().map(String::as_str).collect();
+        let mut expected = vec![
+            "status",
+            "total_ms",
+            "downtime_ms",
+            "rounds",
+            "memory_bytes",
+            "bytes_sent",
+            "wire_bytes",
+            "pages_sent",
+            "zero_pages_skipped",
+            "hints",
+        ];
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(sorted, expected);
+        let Value::Object(hints) = &json["hints"] else {
+            panic!("hints not an object")
+        };
+        let mut hint_keys: Vec<&str> = hints.keys().map(String::as_str).collect();
+        hint_keys.sort_unstable();
+        let mut expected = vec![
+            "used",
+            "mode",
+            "cmd_id",
+            "wait_ms",
+            "pages_hinted",
+            "pages_skipped",
+            "rejected",
+        ];
+        expected.sort_unstable();
+        assert_eq!(hint_keys, expected);
+        assert_eq!(json["status"], "completed");
+        assert_eq!(json["hints"]["mode"], "stock");
+        assert_eq!(json["hints"]["used"], true);
+        assert_eq!(json["hints"]["wait_ms"], 35.0);
+        assert_eq!(json["downtime_ms"], 12.25);
+        assert_eq!(json["rounds"], 3);
+        let back: MigrationReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn default_matches_the_contract_example() {
+        let example = r#"{
+          "status": "completed",
+          "total_ms": 0.0, "downtime_ms": 0.0, "rounds": 0,
+          "memory_bytes": 0, "bytes_sent": 0, "wire_bytes": 0,
+          "pages_sent": 0, "zero_pages_skipped": 0,
+          "hints": { "used": false, "mode": "none", "cmd_id": 0, "wait_ms": 0.0,
+                     "pages_hinted": 0, "pages_skipped": 0, "rejected": 0 }
+        }"#;
+        let parsed: Value = serde_json::from_str(example).unwrap();
+        assert_eq!(
+            serde_json::to_value(MigrationReport::default()).unwrap(),
+            parsed
+        );
+        for (mode, name) in [
+            (HintMode::None, "none"),
+            (HintMode::Stock, "stock"),
+            (HintMode::Ranges, "ranges"),
+        ] {
+            assert_eq!(serde_json::to_value(mode).unwrap(), name);
+        }
+    }
+}

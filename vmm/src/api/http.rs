@@ -1,0 +1,673 @@
+//! A small HTTP/1.1 server for the API socket.
+//!
+//! One request per connection (every answer carries `Connection: close`), one connection at a
+//! time, on a thread named `http-server`. Requests are read with a deadline and size limits, so a
+//! slow, silent or malicious client gets a 4xx (or is dropped) and the server goes on serving.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+
+use super::{routes, ApiError, ApiRequest, ApiResult};
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_SIZE: usize = 64 * 1024;
+/// Largest request line plus headers accepted, in bytes.
+pub const MAX_HEADER_SIZE: usize = 8 * 1024;
+/// Most headers accepted in a request.
+const MAX_HEADERS: usize = 32;
+/// Time a client has to send a whole request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to take the response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The function that executes API requests, called on the `http-server` thread.
+pub type ApiHandler = Box<dyn FnMut(ApiRequest) -> ApiResult + Send>;
+
+/// Errors from starting the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpServerError {
+    /// The socket path exists and something accepts connections on it.
+    #[error("another process is listening on {}", path.display())]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The socket path exists and is not a socket: we do not delete it.
+    #[error("{} exists and is not a socket", path.display())]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The socket path cannot be inspected.
+    #[error("cannot check {}", path.display())]
+    Stat {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A stale socket cannot be removed.
+    #[error("cannot remove stale socket {}", path.display())]
+    RemoveStale {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// `bind` failed.
+    #[error("cannot bind API socket {}", path.display())]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket's mode cannot be set to 0600.
+    #[error("cannot set the mode of API socket {}", path.display())]
+    Chmod {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The server thread cannot be spawned.
+    #[error("cannot start the http-server thread")]
+    Spawn(#[source] io::Error),
+}
+
+/// Limits applied to each request; tests shorten them.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    request_timeout: Duration,
+    write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_timeout: REQUEST_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+        }
+    }
+}
+
+/// Binds the API socket at `socket_path` (mode 0600) and serves it on a new thread named
+/// `http-server`, passing each decoded request to `handler`.
+///
+/// A socket file left behind by a dead process is removed first; a live one, or a file that is
+/// not a socket, is an error. `vmm.shutdown` is answered (204) before the handler sees it; the
+/// server then removes the socket and its thread ends.
+pub fn start_http_server(
+    socket_path: &Path,
+    handler: ApiHandler,
+) -> Result<JoinHandle<()>, HttpServerError> {
+    start_with_limits(socket_path, handler, Limits::default())
+}
+
+fn start_with_limits(
+    socket_path: &Path,
+    handler: ApiHandler,
+    limits: Limits,
+) -> Result<JoinHandle<()>, HttpServerError> {
+    let listener = bind_socket(socket_path)?;
+    let path = socket_path.to_path_buf();
+    thread::Builder::new()
+        .name("http-server".to_string())
+        .spawn(move || serve(listener, &path, handler, limits))
+        .map_err(HttpServerError::Spawn)
+}
+
+/// Removes a stale socket at `path`, then binds a listener there with mode 0600.
+fn bind_socket(path: &Path) -> Result<UnixListener, HttpServerError> {
+    let owned = || path.to_path_buf();
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(HttpServerError::NotASocket { path: owned() })
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => return Err(HttpServerError::InUse { path: owned() }),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!("Removing stale API socket {}", path.display());
+                fs::remove_file(path).map_err(|source| HttpServerError::RemoveStale {
+                    path: owned(),
+                    source,
+                })?;
+            }
+            Err(source) => {
+                return Err(HttpServerError::Stat {
+                    path: owned(),
+                    source,
+                })
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(HttpServerError::Stat {
+                path: owned(),
+                source,
+            })
+        }
+    }
+    // SAFETY: umask only swaps the process's file creation mask and cannot fail. Files other
+    // threads create meanwhile get a stricter mode at worst; the chmod below covers the socket
+    // in any case.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.map_err(|source| HttpServerError::Bind {
+        path: owned(),
+        source,
+    })?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+        HttpServerError::Chmod {
+            path: owned(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// The server loop: accept, read one request, answer, close.
+fn serve(listener: UnixListener, path: &Path, mut handler: ApiHandler, limits: Limits) {
+    info!("API server listening on {}", path.display());
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                if handle_connection(stream, &mut handler, limits) == Flow::Stop {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!("API socket accept failed: {e}");
+                // Out of file descriptors and the like: do not spin.
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    if let Err(e) = fs::remove_file(path) {
+        warn!("Cannot remove API socket {}: {e}", path.display());
+    }
+    info!("API server stopped");
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// A request as read from the socket.
+#[derive(Debug)]
+struct RawRequest {
+    method: String,
+    path: String,
+    body: Vec<u8>,
+}
+
+/// Why no request could be read.
+#[derive(Debug)]
+enum ReadError {
+    /// The client went away: nothing to answer.
+    Closed,
+    /// Answer with this error, then close.
+    Reply(ApiError),
+}
+
+fn handle_connection(mut stream: UnixStream, handler: &mut ApiHandler, limits: Limits) -> Flow {
+    if let Err(e) = stream.set_write_timeout(Some(limits.write_timeout)) {
+        warn!("Cannot set the API connection's write timeout: {e}");
+        return Flow::Continue;
+    }
+    let raw = match read_request(&mut stream, Instant::now() + limits.request_timeout) {
+        Ok(raw) => raw,
+        Err(ReadError::Closed) => return Flow::Continue,
+        Err(ReadError::Reply(e)) => {
+            debug!("Bad API request: {}", e.message());
+            send(&mut stream, &error_response(&e));
+            return Flow::Continue;
+        }
+    };
+    let request = match routes::parse_request(&raw.method, &raw.path, &raw.body) {
+        Ok(request) => request,
+        Err(e) => {
+            info!(
+                "API request {} {} rejected: {}",
+                raw.method,
+                printable(&raw.path),
+                e.message()
+            );
+            send(&mut stream, &error_response(&e));
+            return Flow::Continue;
+        }
+    };
+    info!("API request {} {}", raw.method, request.endpoint());
+    if request == ApiRequest::VmmShutdown {
+        // Answer first: the VMM may exit as soon as the handler returns.
+        send(&mut stream, &response(204, None, None));
+        drop(stream);
+        if let Err(e) = call(handler, request) {
+            error!("vmm.shutdown failed: {}", e.message());
+        }
+        return Flow::Stop;
+    }
+    let endpoint = request.endpoint();
+    let bytes = match call(handler, request) {
+        Ok(Some(body)) => response(200, Some(&body), None),
+        Ok(None) => response(204, None, None),
+        Err(e) => {
+            info!("API request {endpoint} failed: {}", e.message());
+            error_response(&e)
+        }
+    };
+    send(&mut stream, &bytes);
+    Flow::Continue
+}
+
+/// Calls the handler, turning a panic into a 500.
+fn call(handler: &mut ApiHandler, request: ApiRequest) -> ApiResult {
+    panic::catch_unwind(AssertUnwindSafe(|| handler(request)))
+        .unwrap_or_else(|_| Err(ApiError::internal_msg("the request handler panicked")))
+}
+
+/// Reads one request: headers up to [`MAX_HEADER_SIZE`], a body up to [`MAX_BODY_SIZE`].
+fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<RawRequest, ReadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let header_len = loop {
+        if let Some(end) = find_header_end(&buf) {
+            break end;
+        }
+        if buf.len() >= MAX_HEADER_SIZE {
+            return Err(ReadError::Reply(ApiError::HeadersTooLarge));
+        }
+        read_some(stream, &mut buf, MAX_HEADER_SIZE + MAX_BODY_SIZE, deadline)?;
+    };
+    if header_len > MAX_HEADER_SIZE {
+        return Err(ReadError::Reply(ApiError::HeadersTooLarge));
+    }
+
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(&buf[..header_len]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(bad("malformed HTTP request")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ReadError::Reply(ApiError::HeadersTooLarge))
+        }
+        Err(e) => return Err(bad(&format!("malformed HTTP request: {e}"))),
+    }
+    let method = parsed.method.unwrap_or_default().to_string();
+    let path = parsed.path.unwrap_or_default().to_string();
+
+    let mut content_length: Option<usize> = None;
+    let mut expect_continue = false;
+    for header in parsed.headers.iter() {
+        let value = std::str::from_utf8(header.value).map(str::trim);
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let length = value
+                .ok()
+                .and_then(crate::config::parse_decimal::<usize>)
+                .ok_or_else(|| bad("invalid Content-Length"))?;
+            if content_length.is_some_and(|l| l != length) {
+                return Err(bad("conflicting Content-Length headers"));
+            }
+            content_length = Some(length);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(ReadError::Reply(ApiError::Unsupported(
+                "Transfer-Encoding (send a Content-Length)".to_string(),
+            )));
+        } else if header.name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.is_ok_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        }
+    }
+    let length = content_length.unwrap_or(0);
+    if length > MAX_BODY_SIZE {
+        return Err(ReadError::Reply(ApiError::PayloadTooLarge {
+            limit: MAX_BODY_SIZE,
+        }));
+    }
+
+    let mut body = buf.split_off(header_len);
+    if body.len() < length && expect_continue {
+        // curl waits for this before sending a large body.
+        if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+            return Err(ReadError::Closed);
+        }
+    }
+    while body.len() < length {
+        read_some(stream, &mut body, length, deadline)?;
+    }
+    // Bytes past the body (a pipelined request) are dropped: we answer one request per connection.
+    body.truncate(length);
+    Ok(RawRequest { method, path, body })
+}
+
+/// Reads what is available, up to `limit` bytes in `buf`, before `deadline`.
+fn read_some(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    deadline: Instant,
+) -> Result<(), ReadError> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return Err(ReadError::Reply(ApiError::RequestTimeout));
+    }
+    stream
+        .set_read_timeout(Some(remaining))
+        .map_err(|_| ReadError::Closed)?;
+    let mut chunk = [0u8; 4096];
+    let want = chunk.len().min(limit.saturating_sub(buf.len())).max(1);
+    loop {
+        match stream.read(&mut chunk[..want]) {
+            Ok(0) => return Err(ReadError::Closed),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ReadError::Reply(ApiError::RequestTimeout))
+            }
+            Err(_) => return Err(ReadError::Closed),
+        }
+    }
+}
+
+/// Length of the request line and headers, including the blank line, once it is all in `buf`.
+fn find_header_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+fn bad(message: &str) -> ReadError {
+    ReadError::Reply(ApiError::BadRequest(message.to_string()))
+}
+
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(100)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        _ => "Unknown",
+    }
+}
+
+/// Serializes a response. `allow` adds an `Allow` header (for 405).
+fn response(status: u16, body: Option<&serde_json::Value>, allow: Option<&str>) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nServer: cloud-hypervisor\r\nConnection: close\r\n",
+        reason(status)
+    );
+    if let Some(allow) = allow {
+        out.push_str(&format!("Allow: {allow}\r\n"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    if status != 204 {
+        out.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    out.into_bytes()
+}
+
+fn error_response(e: &ApiError) -> Vec<u8> {
+    let allow = match e {
+        ApiError::MethodNotAllowed { allowed, .. } => Some(*allowed),
+        _ => None,
+    };
+    response(e.status(), Some(&e.to_body()), allow)
+}
+
+/// Writes a response and closes our side; a client that went away is not an error.
+fn send(stream: &mut UnixStream, bytes: &[u8]) {
+    if let Err(e) = stream.write_all(bytes) {
+        debug!("Cannot write the API response: {e}");
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::api::client::{send_raw, send_request};
+
+    fn socket_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vmm-http-{}-{name}.sock", std::process::id()))
+    }
+
+    /// A handler that records requests and answers a few of them specially.
+    fn handler(seen: mpsc::Sender<ApiRequest>) -> ApiHandler {
+        Box::new(move |request| {
+            let _ = seen.send(request.clone());
+            match request {
+                ApiRequest::VmmPing => Ok(Some(serde_json::json!({"version": "test"}))),
+                ApiRequest::VmInfo => Err(ApiError::InvalidState("VM is not created".into())),
+                ApiRequest::VmPause => panic!("handler bug"),
+                _ => Ok(None),
+            }
+        })
+    }
+
+    fn start(name: &str) -> (PathBuf, JoinHandle<()>, mpsc::Receiver<ApiRequest>) {
+        let path = socket_path(name);
+        let _ = fs::remove_file(&path);
+        let (tx, rx) = mpsc::channel();
+        let limits = Limits {
+            request_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_secs(1),
+        };
+        let thread = start_with_limits(&path, handler(tx), limits).unwrap();
+        (path, thread, rx)
+    }
+
+    /// Sends raw bytes, returns everything the server answers.
+    fn raw(path: &Path, bytes: &[u8]) -> String {
+        let mut stream = UnixStream::connect(path).unwrap();
+        let _ = stream.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn ping_ok(path: &Path) {
+        let r = send_request(path, &ApiRequest::VmmPing).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, br#"{"version":"test"}"#);
+    }
+
+    #[test]
+    fn serves_and_survives_bad_requests() {
+        let (path, thread, seen) = start("serve");
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        ping_ok(&path);
+        assert_eq!(seen.recv().unwrap(), ApiRequest::VmmPing);
+        assert_eq!(
+            send_request(&path, &ApiRequest::VmBoot).unwrap().status,
+            204
+        );
+        let r = send_request(&path, &ApiRequest::VmInfo).unwrap();
+        assert_eq!(
+            (r.status, r.error_message().as_str()),
+            (409, "VM is not created")
+        );
+        let r = send_request(&path, &ApiRequest::VmPause).unwrap();
+        assert_eq!(
+            (r.status, r.error_message().as_str()),
+            (500, "the request handler panicked")
+        );
+        ping_ok(&path);
+
+        let cases: &[(&[u8], &str)] = &[
+            (b"\x00\x01\x02garbage\r\n\r\n", "HTTP/1.1 400 "),
+            (b"GET /api/v1/vm.nope HTTP/1.1\r\n\r\n", "HTTP/1.1 404 "),
+            (b"GET /api/v1/vm.boot HTTP/1.1\r\n\r\n", "HTTP/1.1 405 "),
+            (
+                b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 3\r\n\r\n{x}",
+                "HTTP/1.1 400 ",
+            ),
+            (
+                b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 100000\r\n\r\n",
+                "HTTP/1.1 413 ",
+            ),
+            (
+                b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                "HTTP/1.1 400 ",
+            ),
+            (
+                b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "HTTP/1.1 400 ",
+            ),
+            (
+                b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "HTTP/1.1 501 ",
+            ),
+            (b"GET /api/v1/vmm.ping HTTP/2.0\r\n\r\n", "HTTP/1.1 400 "),
+            (b"GET /api/v1/vmm.ping HTTP/1.1\r\n", "HTTP/1.1 408 "),
+            (
+                b"PUT /api/v1/vm.resize HTTP/1.1\r\nContent-Length: 30\r\n\r\n{",
+                "HTTP/1.1 408 ",
+            ),
+            (b"", "HTTP/1.1 408 "),
+        ];
+        for (request, expected) in cases {
+            let answer = raw(&path, request);
+            assert!(answer.starts_with(expected), "{request:?} -> {answer:?}");
+            if !expected.contains("408") {
+                assert!(answer.contains("{\"error\":\""), "{answer}");
+            }
+        }
+        let answer = raw(&path, b"PUT /api/v1/vm.info HTTP/1.1\r\n\r\n");
+        assert!(answer.contains("\r\nAllow: GET\r\n"), "{answer}");
+
+        let mut huge = b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-Big: ".to_vec();
+        huge.resize(huge.len() + 2 * MAX_HEADER_SIZE, b'a');
+        huge.extend_from_slice(b"\r\n\r\n");
+        assert!(raw(&path, &huge).starts_with("HTTP/1.1 431 "));
+        let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+        let answer = raw(
+            &path,
+            format!("GET /api/v1/vmm.ping HTTP/1.1\r\n{many}\r\n").as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+
+        // Clients that go away mid-request.
+        for partial in [
+            &b"GET /api/v1/vm"[..],
+            b"PUT /api/v1/vm.resize HTTP/1.1\r\nContent-Length: 30\r\n\r\n{",
+        ] {
+            let mut stream = UnixStream::connect(&path).unwrap();
+            stream.write_all(partial).unwrap();
+            drop(stream);
+        }
+        // A client that never reads its answer.
+        let mut stream = UnixStream::connect(&path).unwrap();
+        stream
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+            .unwrap();
+        drop(stream);
+
+        // Expect: 100-continue, and a body in a second write.
+        let mut stream = UnixStream::connect(&path).unwrap();
+        let body = br#"{"desired_balloon": 4096}"#;
+        let head = format!(
+            "PUT /api/v1/vm.resize HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut interim = [0u8; 25];
+        stream.read_exact(&mut interim).unwrap();
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        stream.write_all(body).unwrap();
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).unwrap();
+        assert!(rest.starts_with("HTTP/1.1 204 "), "{rest}");
+
+        ping_ok(&path);
+        let handled: Vec<ApiRequest> = seen.try_iter().collect();
+        assert!(
+            handled.contains(&ApiRequest::VmResize(crate::config::VmResizeData {
+                desired_balloon: Some(4096),
+                ..Default::default()
+            }))
+        );
+
+        // vmm.shutdown: answered, handed to the handler, then the server stops.
+        let r = send_raw(&path, "PUT", "/api/v1/vmm.shutdown", None).unwrap();
+        assert_eq!(r.status, 204);
+        thread.join().unwrap();
+        assert_eq!(seen.try_iter().last(), Some(ApiRequest::VmmShutdown));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn socket_file_handling() {
+        let path = socket_path("stale");
+        let _ = fs::remove_file(&path);
+        // A socket nobody listens on any more is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let (tx, _rx) = mpsc::channel();
+        let thread = start_http_server(&path, handler(tx)).unwrap();
+        ping_ok(&path);
+
+        // A live one is not.
+        let (tx, _rx) = mpsc::channel();
+        let e = start_http_server(&path, handler(tx)).unwrap_err();
+        assert!(matches!(e, HttpServerError::InUse { .. }), "{e}");
+        ping_ok(&path);
+        send_request(&path, &ApiRequest::VmmShutdown).unwrap();
+        thread.join().unwrap();
+
+        // Nor is a regular file.
+        fs::write(&path, b"precious").unwrap();
+        let (tx, _rx) = mpsc::channel();
+        let e = start_http_server(&path, handler(tx)).unwrap_err();
+        assert!(matches!(e, HttpServerError::NotASocket { .. }), "{e}");
+        assert_eq!(fs::read(&path).unwrap(), b"precious");
+        fs::remove_file(&path).unwrap();
+
+        let (tx, _rx) = mpsc::channel();
+        let e = start_http_server(Path::new("/nonexistent/dir/api.sock"), handler(tx)).unwrap_err();
+        assert!(matches!(e, HttpServerError::Bind { .. }), "{e}");
+    }
+}

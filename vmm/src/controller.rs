@@ -1,0 +1,231 @@
+//! The VMM thread: owns the VM, serves API requests one at a time, and ends the process when the
+//! guest or the API says so.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use hypervisor::{Hypervisor, KvmHypervisor};
+use thiserror::Error;
+
+use crate::api::{self, ApiError, ApiRequest, ApiResult};
+use crate::config::VmConfig;
+use crate::vcpu::VcpuExitEvent;
+use crate::vm::{Vm, VmError, VmState};
+
+/// Errors that end the VMM.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// KVM is not usable.
+    #[error("cannot use KVM")]
+    Hypervisor(#[source] hypervisor::HypervisorError),
+    /// The API socket could not be served.
+    #[error("cannot start the API server")]
+    Api(#[source] crate::api::HttpServerError),
+    /// The VM given on the command line could not be built or booted.
+    #[error("cannot start the VM")]
+    Vm(#[source] VmError),
+}
+
+/// How the process was started.
+#[derive(Debug, Default)]
+pub struct VmmParams {
+    /// Where to serve the REST API, if anywhere.
+    pub api_socket: Option<PathBuf>,
+    /// A VM to build and boot at once (from `--kernel` and friends).
+    pub vm_config: Option<VmConfig>,
+}
+
+/// What reaches the VMM thread.
+pub enum VmmEvent {
+    /// An API request and where to send its answer.
+    Api(ApiRequest, Sender<ApiResult>),
+    /// A vCPU reports the end of the guest.
+    Vcpu(VcpuExitEvent),
+}
+
+/// The VMM's state: the hypervisor, the VM (if any) and the event channel.
+pub struct Vmm {
+    hypervisor: Arc<dyn Hypervisor>,
+    vm: Option<Vm>,
+    events_tx: Sender<VmmEvent>,
+    /// Whether the process ends when the VM does (it was given on the command line).
+    exit_with_vm: bool,
+}
+
+/// Runs the VMM until it is told to stop; returns the process exit code.
+pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
+    let hypervisor: Arc<dyn Hypervisor> = Arc::new(KvmHypervisor::new().map_err(VmmError::Hypervisor)?);
+    let (tx, rx) = channel();
+    let mut vmm = Vmm {
+        hypervisor,
+        vm: None,
+        events_tx: tx.clone(),
+        exit_with_vm: params.vm_config.is_some(),
+    };
+    if let Some(path) = &params.api_socket {
+        let api_tx = tx.clone();
+        let handler = Box::new(move |req: ApiRequest| -> ApiResult {
+            let (reply_tx, reply_rx) = channel();
+            api_tx
+                .send(VmmEvent::Api(req, reply_tx))
+                .map_err(|_| ApiError::internal_msg("the VMM is shutting down"))?;
+            reply_rx
+                .recv()
+                .map_err(|_| ApiError::internal_msg("the VMM is shutting down"))?
+        });
+        api::start_http_server(path, handler).map_err(VmmError::Api)?;
+    }
+    if let Some(config) = params.vm_config {
+        vmm.create_vm(config).map_err(VmmError::Vm)?;
+        vmm.boot_vm().map_err(VmmError::Vm)?;
+    }
+    let code = vmm.run(rx);
+    if let Some(path) = &params.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(code)
+}
+
+fn no_vm() -> ApiError {
+    ApiError::InvalidState("no VM has been created".into())
+}
+
+fn vm_error(e: VmError) -> ApiError {
+    match e {
+        VmError::InvalidState(s) => ApiError::InvalidState(format!("VM is {s:?}")),
+        other => ApiError::internal("VM operation failed", other),
+    }
+}
+
+impl Vmm {
+    fn exit_sink(&self) -> crate::vcpu::ExitSink {
+        let tx = self.events_tx.clone();
+        Arc::new(move |e| {
+            // The VMM thread may be gone during teardown; nobody needs the event then.
+            let _ = tx.send(VmmEvent::Vcpu(e));
+        })
+    }
+
+    fn create_vm(&mut self, config: VmConfig) -> Result<(), VmError> {
+        let vm = Vm::new(config, self.hypervisor.as_ref(), self.exit_sink())?;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    fn boot_vm(&mut self) -> Result<(), VmError> {
+        match self.vm.as_mut() {
+            Some(vm) => vm.boot(),
+            None => Err(VmError::InvalidState(VmState::Shutdown)),
+        }
+    }
+
+    /// Serves events until the VMM should exit; returns the exit code.
+    fn run(&mut self, rx: Receiver<VmmEvent>) -> i32 {
+        while let Ok(event) = rx.recv() {
+            match event {
+                VmmEvent::Api(req, reply) => {
+                    let shutdown_vmm = matches!(req, ApiRequest::VmmShutdown);
+                    let result = self.handle_api(req);
+                    let vm_gone = self.vm.as_ref().is_none_or(|vm| vm.state() == VmState::Shutdown);
+                    // The client may have hung up; the request was still carried out.
+                    let _ = reply.send(result);
+                    if shutdown_vmm || (self.exit_with_vm && vm_gone) {
+                        self.teardown();
+                        return 0;
+                    }
+                }
+                VmmEvent::Vcpu(event) => {
+                    let code = match &event {
+                        VcpuExitEvent::Shutdown | VcpuExitEvent::Reset => {
+                            log::info!("guest ended: {event:?}");
+                            0
+                        }
+                        VcpuExitEvent::Failed(why) => {
+                            log::error!("{why}");
+                            eprintln!("cloud-hypervisor: error: guest stopped: {why}");
+                            1
+                        }
+                    };
+                    if let Some(vm) = self.vm.as_mut() {
+                        vm.shutdown();
+                    }
+                    if self.exit_with_vm {
+                        self.teardown();
+                        return code;
+                    }
+                }
+            }
+        }
+        0
+    }
+
+    fn teardown(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.shutdown();
+        }
+    }
+
+    fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
+        self.vm.as_mut().ok_or_else(no_vm)
+    }
+
+    fn handle_api(&mut self, req: ApiRequest) -> ApiResult {
+        match req {
+            ApiRequest::VmmPing => Ok(Some(serde_json::json!({
+                "build_version": env!("CARGO_PKG_VERSION"),
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "features": ["kvm", "free_page_hinting"],
+            }))),
+            ApiRequest::VmmShutdown => Ok(None),
+            ApiRequest::VmCreate(config) => {
+                if self.vm.is_some() {
+                    return Err(ApiError::InvalidState("a VM already exists".into()));
+                }
+                config
+                    .validate_resources()
+                    .map_err(|e| ApiError::InvalidConfig { endpoint: "vm.create", source: e })?;
+                self.create_vm(*config).map_err(vm_error)?;
+                Ok(None)
+            }
+            ApiRequest::VmBoot => {
+                self.vm_mut()?.boot().map_err(vm_error)?;
+                Ok(None)
+            }
+            ApiRequest::VmInfo => {
+                let vm = self.vm.as_ref().ok_or_else(no_vm)?;
+                serde_json::to_value(vm.info())
+                    .map(Some)
+                    .map_err(|e| ApiError::internal("cannot encode vm.info", e))
+            }
+            ApiRequest::VmCounters => Ok(Some(self.vm.as_ref().ok_or_else(no_vm)?.counters())),
+            ApiRequest::VmPause => {
+                self.vm_mut()?.pause().map_err(vm_error)?;
+                Ok(None)
+            }
+            ApiRequest::VmResume => {
+                self.vm_mut()?.resume().map_err(vm_error)?;
+                Ok(None)
+            }
+            ApiRequest::VmShutdown => {
+                let vm = self.vm_mut()?;
+                if vm.state() == VmState::Shutdown {
+                    return Err(ApiError::InvalidState("VM is already shut down".into()));
+                }
+                vm.shutdown();
+                Ok(None)
+            }
+            ApiRequest::VmDelete => {
+                self.teardown();
+                Ok(None)
+            }
+            ApiRequest::VmResize(_) => Err(ApiError::Unsupported("vm.resize without a balloon".into())),
+            ApiRequest::VmSendMigration(_) => Err(ApiError::Unsupported("vm.send-migration".into())),
+            ApiRequest::VmReceiveMigration(_) => Err(ApiError::Unsupported("vm.receive-migration".into())),
+            ApiRequest::VmBalloonHintsGet | ApiRequest::VmBalloonHintsPut(_) => {
+                Err(ApiError::Unsupported("vm.balloon-hints without a balloon".into()))
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The VM's devices: legacy PC ports, the serial port, and the buses that route guest accesses
+//! to them.
+
+pub mod bus;
+pub mod legacy;
+pub mod serial;
+
+use std::sync::{Arc, Mutex};
+
+use hypervisor::Vm;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use self::bus::{Bus, BusError};
+use self::legacy::{Cmos, LegacyEvent, Sink, I8042};
+use self::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::config::VmConfig;
+
+/// Errors from creating devices.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// Two devices claim the same addresses.
+    #[error("device address conflict")]
+    Bus(#[source] BusError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The serial output could not be opened.
+    #[error("cannot open the serial output")]
+    SerialOutput(#[source] std::io::Error),
+    /// Wiring an interrupt failed.
+    #[error("cannot wire a device interrupt")]
+    Irq(#[source] hypervisor::VmError),
+}
+
+/// The VM's devices and the buses the vCPUs dispatch to.
+pub struct DeviceManager {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    _serial_irq: Option<EventFd>,
+}
+
+impl DeviceManager {
+    /// Creates the legacy devices and the serial port as `config` asks. `on_reset` is called when
+    /// the guest pulses the i8042 reset line.
+    pub fn new(
+        vm: &Arc<dyn Vm>,
+        config: &VmConfig,
+        on_reset: Box<dyn Fn(LegacyEvent) + Send>,
+    ) -> Result<Self, DeviceError> {
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        pio.insert(Arc::new(Mutex::new(I8042::new(on_reset))), legacy::I8042_BASE, legacy::I8042_LEN)
+            .map_err(DeviceError::Bus)?;
+        pio.insert(Arc::new(Mutex::new(Cmos::default())), legacy::CMOS_BASE, legacy::CMOS_LEN)
+            .map_err(DeviceError::Bus)?;
+        pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1).map_err(DeviceError::Bus)?;
+
+        let serial_irq = match serial::output_for(&config.serial).map_err(DeviceError::SerialOutput)? {
+            Some(out) => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+                vm.register_irqfd(&irq, COM1_IRQ).map_err(DeviceError::Irq)?;
+                let trigger = irq.try_clone().map_err(DeviceError::EventFd)?;
+                pio.insert(Arc::new(Mutex::new(SerialDevice::new(trigger, out))), COM1_BASE, COM1_LEN)
+                    .map_err(DeviceError::Bus)?;
+                Some(irq)
+            }
+            None => None,
+        };
+        Ok(DeviceManager {
+            pio,
+            mmio,
+            _serial_irq: serial_irq,
+        })
+    }
+}

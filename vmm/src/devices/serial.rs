@@ -1,0 +1,128 @@
+//! The 16550 UART at COM1 (0x3f8, IRQ 4), emulated by vm-superio.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+use crate::config::{ConsoleConfig, ConsoleOutputMode};
+
+/// COM1's port base.
+pub const COM1_BASE: u64 = 0x3f8;
+/// COM1's port count.
+pub const COM1_LEN: u64 = 8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises the UART's interrupt through an irqfd.
+pub struct IrqfdTrigger(pub EventFd);
+
+impl Trigger for IrqfdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's serial output goes.
+pub fn output_for(config: &ConsoleConfig) -> std::io::Result<Option<Box<dyn Write + Send>>> {
+    Ok(match config.mode {
+        ConsoleOutputMode::Off => None,
+        ConsoleOutputMode::Null => Some(Box::new(std::io::sink())),
+        ConsoleOutputMode::Tty => Some(Box::new(std::io::stdout())),
+        ConsoleOutputMode::File => {
+            let path = config
+                .file
+                .as_ref()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "serial file= needs a path"))?;
+            Some(Box::new(OpenOptions::new().create(true).append(true).open(path)?))
+        }
+    })
+}
+
+/// The UART as a bus device.
+pub struct SerialDevice {
+    serial: Serial<IrqfdTrigger, NoEvents, LineWriter>,
+}
+
+/// Flushes the output at each newline, so log files and pipes see whole lines promptly.
+pub struct LineWriter(std::io::LineWriter<Box<dyn Write + Send>>);
+
+impl Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl SerialDevice {
+    /// A UART raising `irq` and writing to `out`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        SerialDevice {
+            serial: Serial::new(IrqfdTrigger(irq), LineWriter(std::io::LineWriter::new(out))),
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.serial.write(off, v) {
+                log::debug!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn registers_and_output() {
+        let out = Shared::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        // LSR: transmitter empty and holding register empty.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 0x60, 0x60);
+        // Enable the THR-empty interrupt, then send a line.
+        dev.write(1, &[0x02]);
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+        assert!(irq.read().unwrap() >= 1, "THR empty raises the interrupt");
+        // Scratch register round trip.
+        dev.write(7, &[0x5a]);
+        let mut scr = [0u8];
+        dev.read(7, &mut scr);
+        assert_eq!(scr[0], 0x5a);
+    }
+}

@@ -1,0 +1,105 @@
+//! The VM's GSI routing table: legacy lines wired to the PIC and IOAPIC, and MSI vectors that
+//! devices allocate and reprogram.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use hypervisor::{IrqRoute, Vm, VmError};
+
+/// GSIs below this are legacy interrupt lines (24 IOAPIC pins).
+pub const NUM_LEGACY_GSIS: u32 = 24;
+const PIC_MASTER: u32 = 0;
+const PIC_SLAVE: u32 = 1;
+const IOAPIC: u32 = 2;
+
+/// The routing table, shared by every device that owns MSI vectors.
+pub struct InterruptManager {
+    vm: Arc<dyn Vm>,
+    inner: Mutex<Routes>,
+}
+
+struct Routes {
+    msi: BTreeMap<u32, IrqRoute>,
+    next_gsi: u32,
+}
+
+impl InterruptManager {
+    /// A manager with the legacy routes installed: GSI 0-15 to both PICs and the IOAPIC, 16-23
+    /// to the IOAPIC only (the layout KVM uses by default).
+    pub fn new(vm: Arc<dyn Vm>) -> Result<Self, VmError> {
+        let m = InterruptManager {
+            vm,
+            inner: Mutex::new(Routes {
+                msi: BTreeMap::new(),
+                next_gsi: NUM_LEGACY_GSIS,
+            }),
+        };
+        m.install(&m.lock())?;
+        Ok(m)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn legacy_routes() -> Vec<IrqRoute> {
+        let mut routes = Vec::new();
+        for gsi in 0..NUM_LEGACY_GSIS {
+            if gsi < 16 {
+                let chip = if gsi < 8 { PIC_MASTER } else { PIC_SLAVE };
+                routes.push(IrqRoute::Irqchip { gsi, chip, pin: gsi % 8 });
+            }
+            routes.push(IrqRoute::Irqchip { gsi, chip: IOAPIC, pin: gsi });
+        }
+        routes
+    }
+
+    fn install(&self, routes: &Routes) -> Result<(), VmError> {
+        let mut all = Self::legacy_routes();
+        all.extend(routes.msi.values().copied());
+        self.vm.set_gsi_routing(&all)
+    }
+
+    /// Reserves `count` consecutive GSIs for MSI vectors; returns the first.
+    pub fn allocate_gsis(&self, count: u32) -> Option<u32> {
+        let mut r = self.lock();
+        let first = r.next_gsi;
+        r.next_gsi = first.checked_add(count)?;
+        Some(first)
+    }
+
+    /// Points `gsi` at an MSI message, or removes its route (`None`: a masked or unused vector).
+    pub fn set_msi_route(&self, gsi: u32, msg: Option<(u64, u32)>) -> Result<(), VmError> {
+        let mut r = self.lock();
+        let changed = match msg {
+            Some((address, data)) => {
+                let route = IrqRoute::Msi { gsi, address, data };
+                r.msi.insert(gsi, route) != Some(route)
+            }
+            None => r.msi.remove(&gsi).is_some(),
+        };
+        if changed {
+            self.install(&r)?;
+        }
+        Ok(())
+    }
+
+    /// The VM the routes belong to.
+    pub fn vm(&self) -> &Arc<dyn Vm> {
+        &self.vm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_table_shape() {
+        let r = InterruptManager::legacy_routes();
+        assert_eq!(r.len(), 16 * 2 + 8);
+        assert!(r.contains(&IrqRoute::Irqchip { gsi: 4, chip: IOAPIC, pin: 4 }));
+        assert!(r.contains(&IrqRoute::Irqchip { gsi: 12, chip: PIC_SLAVE, pin: 4 }));
+        assert!(!r.iter().any(|e| matches!(e, IrqRoute::Irqchip { gsi: 20, chip: PIC_MASTER | PIC_SLAVE, .. })));
+    }
+}

@@ -1,0 +1,211 @@
+//! One virtual machine: its memory, devices and vCPUs, and its lifecycle
+//! (created → running ⇄ paused → shut down).
+
+use std::sync::Arc;
+
+use hypervisor::{Hypervisor, Vm as HypervisorVm};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::boot::{self, regs, BootError};
+use crate::config::VmConfig;
+use crate::devices::legacy::LegacyEvent;
+use crate::devices::{DeviceError, DeviceManager};
+use crate::interrupts::InterruptManager;
+use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::vcpu::{ExitHandlers, ExitSink, VcpuError, VcpuExitEvent, VcpuManager};
+
+/// Errors from building or driving a VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// The hypervisor refused to create the VM.
+    #[error("cannot create the VM")]
+    Create(#[source] hypervisor::HypervisorError),
+    /// A VM-level hypervisor call failed.
+    #[error("VM setup failed")]
+    Hypervisor(#[source] hypervisor::VmError),
+    /// Guest memory could not be set up.
+    #[error("cannot set up guest memory")]
+    Memory(#[source] MemoryError),
+    /// Devices could not be set up.
+    #[error("cannot set up devices")]
+    Devices(#[source] DeviceError),
+    /// A vCPU could not be set up.
+    #[error("cannot set up vCPU {0}")]
+    VcpuSetup(u8, #[source] hypervisor::CpuError),
+    /// The payload could not be loaded.
+    #[error("cannot load the boot payload")]
+    Boot(#[source] BootError),
+    /// The boot registers could not be set.
+    #[error("cannot set the boot registers")]
+    Regs(#[source] regs::RegsError),
+    /// vCPU control failed.
+    #[error("vCPU control failed")]
+    Vcpu(#[source] VcpuError),
+    /// The request does not fit the VM's state.
+    #[error("VM is {0:?}")]
+    InvalidState(VmState),
+}
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum VmState {
+    /// Built, not yet booted.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked.
+    Paused,
+    /// Stopped for good.
+    Shutdown,
+}
+
+/// What the VM reports about itself for `vm.info`.
+#[derive(Debug, Serialize)]
+pub struct VmInfo<'a> {
+    /// Lifecycle state.
+    pub state: VmState,
+    /// The configuration it was built from.
+    pub config: &'a VmConfig,
+    /// RAM minus what the balloon holds, in bytes.
+    pub memory_actual_size: u64,
+}
+
+/// A VM and everything it owns.
+pub struct Vm {
+    config: VmConfig,
+    vm: Arc<dyn HypervisorVm>,
+    memory: Arc<GuestMemoryMmap>,
+    devices: DeviceManager,
+    _interrupts: Arc<InterruptManager>,
+    vcpus: VcpuManager,
+    state: VmState,
+    exit_sink: ExitSink,
+}
+
+impl Vm {
+    /// Builds a VM from `config`: KVM VM, guest memory and slots, irqchip, devices and vCPUs.
+    /// `exit_sink` hears when the guest shuts down, resets or a vCPU fails.
+    pub fn new(config: VmConfig, hypervisor: &dyn Hypervisor, exit_sink: ExitSink) -> Result<Self, VmError> {
+        let vm = hypervisor.create_vm().map_err(VmError::Create)?;
+        let memory = memory::create_guest_memory(&config.memory).map_err(VmError::Memory)?;
+        memory::register_slots(vm.as_ref(), &memory, false).map_err(VmError::Memory)?;
+        vm.create_irqchip().map_err(VmError::Hypervisor)?;
+        let interrupts = Arc::new(InterruptManager::new(vm.clone()).map_err(VmError::Hypervisor)?);
+        let reset_sink = exit_sink.clone();
+        let devices = DeviceManager::new(
+            &vm,
+            &config,
+            Box::new(move |e| match e {
+                LegacyEvent::Reset => reset_sink(VcpuExitEvent::Reset),
+            }),
+        )
+        .map_err(VmError::Devices)?;
+
+        let supported = hypervisor.supported_cpuid().map_err(VmError::Create)?;
+        let count = config.cpus.boot_vcpus;
+        let mut vcpus = Vec::new();
+        for id in 0..count {
+            let vcpu = vm.create_vcpu(id).map_err(VmError::Hypervisor)?;
+            vcpu.set_cpuid(&boot::cpuid::for_vcpu(&supported, id, count))
+                .map_err(|e| VmError::VcpuSetup(id, e))?;
+            vcpu.setup_lint().map_err(|e| VmError::VcpuSetup(id, e))?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            config,
+            vm,
+            memory,
+            devices,
+            _interrupts: interrupts,
+            vcpus: VcpuManager::new(vcpus),
+            state: VmState::Created,
+            exit_sink,
+        })
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The VM's lifecycle state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.memory
+    }
+
+    /// The hypervisor VM.
+    pub fn hypervisor_vm(&self) -> &Arc<dyn HypervisorVm> {
+        &self.vm
+    }
+
+    fn handlers(&self) -> ExitHandlers {
+        ExitHandlers {
+            pio: self.devices.pio.clone(),
+            mmio: self.devices.mmio.clone(),
+        }
+    }
+
+    /// Loads the payload and starts the vCPUs.
+    pub fn boot(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Created {
+            return Err(VmError::InvalidState(self.state));
+        }
+        let entry = boot::load_payload(&self.memory, &self.config.payload, self.config.cpus.boot_vcpus)
+            .map_err(VmError::Boot)?;
+        self.vcpus
+            .with_vcpu(0, |bsp| regs::setup_boot_vcpu(bsp, &self.memory, entry))
+            .ok_or(VmError::InvalidState(self.state))?
+            .map_err(VmError::Regs)?;
+        self.vcpus
+            .start(self.handlers(), self.exit_sink.clone(), false)
+            .map_err(VmError::Vcpu)?;
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Parks the vCPUs.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Running {
+            return Err(VmError::InvalidState(self.state));
+        }
+        self.vcpus.pause().map_err(VmError::Vcpu)?;
+        self.state = VmState::Paused;
+        Ok(())
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Paused {
+            return Err(VmError::InvalidState(self.state));
+        }
+        self.vcpus.resume();
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Stops the vCPUs for good.
+    pub fn shutdown(&mut self) {
+        self.vcpus.stop();
+        self.state = VmState::Shutdown;
+    }
+
+    /// What `vm.info` reports.
+    pub fn info(&self) -> VmInfo<'_> {
+        VmInfo {
+            state: self.state,
+            config: &self.config,
+            memory_actual_size: self.config.memory.size,
+        }
+    }
+
+    /// What `vm.counters` reports.
+    pub fn counters(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+}
