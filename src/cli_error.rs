@@ -22,12 +22,20 @@ pub fn handle_clap_error(e: clap::Error) -> ClapOutcome {
         }
         _ => {
             let text = e.render().to_string();
-            let first = text
+            // The message is the first paragraph; usage and tips follow a blank line.
+            let paragraph = text.split("\n\n").next().unwrap_or_default();
+            let joined = paragraph
                 .lines()
                 .map(str::trim)
-                .find(|l| !l.is_empty())
-                .unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let first = joined.strip_prefix("error: ").unwrap_or(&joined);
+            let first = if first.is_empty() {
+                "invalid arguments"
+            } else {
+                first
+            };
             ClapOutcome::Error(format!("{first} (see --help)"))
         }
     }

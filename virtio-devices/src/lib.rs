@@ -38,5 +38,5 @@ pub use pci::{
     BarAllocator, BarReprogram, PciBarInfo, PciBarKind, PciBus, PciConfigIo, PciConfiguration,
     PciDevice, PciError, PciHostBridge, PciIoEvent,
 };
-/*TRANSPORT*/
+pub use transport::{VirtioPciDevice, VirtioPciError, VirtioPciState};
 pub use virtio::{VirtioDevice, VirtioDeviceError, VirtioQueue};

@@ -295,17 +295,24 @@ impl HintRound {
         if let Err(why) = self.validate(hint) {
             return HintVerdict::Rejected(why);
         }
-        let pieces = self.pieces(hint);
+        let spans = self.ram.region_pages(&hint);
         // Overlap check first, so a rejected hint changes nothing.
-        for &(idx, first, count) in &pieces {
-            if self.round0[idx].count_range(first, count).ok() != Some(count) {
+        for s in &spans {
+            if self.round0[s.region]
+                .count_range(s.first_page, s.pages)
+                .ok()
+                != Some(s.pages)
+            {
                 return HintVerdict::Rejected(HintRejection::Overlap);
             }
         }
         let mut skipped = 0;
-        for (idx, first, count) in pieces {
-            if self.round0[idx].clear_range(first, count).is_ok() {
-                skipped += count;
+        for s in spans {
+            if self.round0[s.region]
+                .clear_range(s.first_page, s.pages)
+                .is_ok()
+            {
+                skipped += s.pages;
             }
         }
         let pages = hint.pages();
@@ -332,27 +339,6 @@ impl HintRound {
             return Err(HintRejection::OutsideRam);
         }
         Ok(())
-    }
-
-    /// Splits a hint already known to be inside RAM into (region, first page, pages) pieces.
-    fn pieces(&self, hint: MemoryRange) -> Vec<(usize, u64, u64)> {
-        let mut pieces = Vec::new();
-        let mut gpa = hint.gpa;
-        let end = hint.gpa + hint.length;
-        while gpa < end {
-            let Some(idx) = self.ram.region_index(gpa) else {
-                break;
-            };
-            let region = self.ram.regions()[idx];
-            let piece_end = end.min(region.gpa + region.length);
-            pieces.push((
-                idx,
-                (gpa - region.gpa) / PAGE_SIZE,
-                (piece_end - gpa) / PAGE_SIZE,
-            ));
-            gpa = piece_end;
-        }
-        pieces
     }
 
     /// Ends hint collection and returns the pages to send in round 0.
@@ -422,34 +408,25 @@ impl DirtyRound {
 
     /// Marks the pages touching `[gpa, gpa + length)` dirty (writes the VMM tracked itself).
     pub fn add_range(&mut self, gpa: u64, length: u64) -> Result<(), HintError> {
-        let outside = HintError::DirtyOutsideRam { gpa, length };
-        let start = gpa - gpa % PAGE_SIZE;
-        let end = gpa
-            .checked_add(length)
-            .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
-            .ok_or(HintError::DirtyOutsideRam { gpa, length })?;
         if length == 0 {
             return Ok(());
         }
-        let range = MemoryRange::new(start, end - start);
-        if !self.ram.contains(&range) {
-            return Err(outside);
+        let range = MemoryRange::new(gpa, length);
+        let page_start = gpa - gpa % PAGE_SIZE;
+        let page_end = range
+            .end()
+            .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE));
+        let whole_pages = page_end.map(|e| MemoryRange::new(page_start, e - page_start));
+        if !whole_pages.is_some_and(|r| self.ram.contains(&r)) {
+            return Err(HintError::DirtyOutsideRam { gpa, length });
         }
-        let mut cur = start;
-        while cur < end {
-            let idx = self
-                .ram
-                .region_index(cur)
-                .ok_or(HintError::DirtyOutsideRam { gpa, length })?;
-            let region = self.ram.regions()[idx];
-            let piece_end = end.min(region.gpa + region.length);
-            self.dirty[idx]
-                .set_range(
-                    (cur - region.gpa) / PAGE_SIZE,
-                    (piece_end - cur) / PAGE_SIZE,
-                )
-                .map_err(|source| HintError::DirtyLog { index: idx, source })?;
-            cur = piece_end;
+        for s in self.ram.region_pages(&range) {
+            self.dirty[s.region]
+                .set_range(s.first_page, s.pages)
+                .map_err(|source| HintError::DirtyLog {
+                    index: s.region,
+                    source,
+                })?;
         }
         Ok(())
     }

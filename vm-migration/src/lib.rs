@@ -9,9 +9,37 @@
 //!   the types ([`HintRound`], [`DirtyRound`]).
 //! - [`transport`]: `unix:`/`tcp:` URLs, connect and accept-one, with timeouts.
 //! - [`memory`]: zero-copy page streaming between guest memory and the socket.
-//! - [`zero`]: zero page detection and the rule for when skipping them is safe.
+//! - [`zero`]: zero page detection and the rule for when skipping zero pages is safe.
 //! - [`counting`]: byte counting for `wire_bytes`.
 //! - [`report`]: the migration report returned by `vm.send-migration`.
+//!
+//! # Driving a migration
+//!
+//! Source (RAM region `i` of [`RamRegions`] is the `i`-th region of the VMM's
+//! `GuestMemoryMmap`, which is sorted by address):
+//!
+//! 1. `MigrationStream::connect(&url.parse()?, ..)`, wrapped in a [`CountingStream`].
+//! 2. `protocol::request(&mut s, Command::Start, &[])`, then `Command::Config` with the config.
+//! 3. Local mode: `protocol::send_memory_fds(s.get_ref().as_unix()?, &regions)`,
+//!    `s.record_written(n)`, read the [`Response`]; pause; go to step 7.
+//! 4. Start dirty logging (KVM and vm-memory bitmaps), then
+//!    `HintRound::new(&ram, DirtyLoggingStarted::confirm())`. With hints on:
+//!    `round.request(id)`, *then* write `id` to the balloon; feed each hinted buffer to
+//!    `round.apply(id, range)` and STOP to `round.stop(id)`, until STOP or `hint_wait_ms`.
+//!    `round.finish()` gives round 0; tell the balloon DONE.
+//! 5. For each round: `ZeroPageFilter::filter` (if `zero_pages=on`), `send_memory`, read the
+//!    [`Response`]. The next round is a [`DirtyRound`] fed by `add_log` for every region's KVM
+//!    log and vm-memory bitmap; repeat until small enough for `downtime_ms`.
+//! 6. Pause the VM, last [`DirtyRound`], `send_memory`, read the response.
+//! 7. `Command::State` with the device state, then `Command::Complete`; fill the
+//!    [`MigrationReport`] (`wire_bytes` from [`CountingStream::bytes_written`]). On any error,
+//!    try `Command::Abandon`, resume the source VM.
+//!
+//! Destination: `MigrationListener::bind`, `accept_one`, then loop on
+//! `RequestHeader::read_from` (no buffered reader: local mode's descriptors ride on the
+//! payload's first byte) and dispatch by [`Command`]: `read_payload` for Config and State,
+//! [`receive_memory`] for Memory, `protocol::receive_memory_fds` for MemoryFd. Answer each
+//! with [`Response::Ok`], or `Response::error(e.reason(), ..)` and close the connection.
 
 pub mod bitmap;
 pub mod counting;
@@ -31,7 +59,7 @@ pub use hints::{
 };
 pub use memory::{receive_memory, receive_ranges, send_memory, send_ranges, MemoryStreamError};
 pub use protocol::{Command, ErrorReason, ProtocolError, RequestHeader, Response};
-pub use ranges::{MemoryRange, MemoryRangeTable, RamRegions, RangeError, PAGE_SIZE};
+pub use ranges::{MemoryRange, MemoryRangeTable, RamRegions, RangeError, RegionPages, PAGE_SIZE};
 pub use report::{HintMode, HintsReport, MigrationReport, MigrationStatus};
 pub use transport::{MigrationListener, MigrationStream, MigrationUrl, TransportError};
 pub use zero::{is_zero_page, split_zero_pages, ZeroPageError, ZeroPageFilter, ZeroSplit};

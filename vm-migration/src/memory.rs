@@ -2,8 +2,10 @@
 //! copies, and the Memory request that frames them.
 //!
 //! The sender writes each range straight from guest memory to the socket
-//! (`write_all_volatile_to`, i.e. `write(2)` from the host mapping); the receiver reads each
-//! range straight into guest memory (`read_exact_volatile_from`). The receiver checks every
+//! (`write_all_volatile`, i.e. `write(2)` from the host mapping); the receiver reads each
+//! range straight into guest memory (`read_exact_volatile`, `read(2)` into the mapping; note
+//! that vm-memory's `Bytes::read_exact_volatile_from` does a single read per region and fails
+//! on a short socket read, so it is not used). The receiver checks every
 //! range against its own RAM before writing, and touches no page that was not sent, so its
 //! resident memory is what was sent.
 //!
@@ -13,7 +15,9 @@
 use std::io::{Read, Write};
 
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, ReadVolatile, VolatileMemoryError, WriteVolatile,
+};
 
 use crate::protocol::{Command, ErrorReason, ProtocolError, RequestHeader};
 use crate::ranges::{MemoryRangeTable, RamRegions, RangeError};
@@ -37,6 +41,17 @@ pub enum MemoryStreamError {
         /// Its length.
         length: u64,
     },
+    /// Guest memory could not be sliced for a range.
+    #[error("cannot access guest memory at {gpa:#x} (+{length:#x})")]
+    GuestMemory {
+        /// Start of the range.
+        gpa: u64,
+        /// Its length.
+        length: u64,
+        /// The failure.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     /// Copying guest memory to the stream failed.
     #[error("failed to send guest memory at {gpa:#x} (+{length:#x})")]
     Send {
@@ -46,7 +61,7 @@ pub enum MemoryStreamError {
         length: u64,
         /// The failure.
         #[source]
-        source: vm_memory::GuestMemoryError,
+        source: VolatileMemoryError,
     },
     /// Copying the stream into guest memory failed.
     #[error("failed to receive guest memory at {gpa:#x} (+{length:#x})")]
@@ -57,7 +72,7 @@ pub enum MemoryStreamError {
         length: u64,
         /// The failure.
         #[source]
-        source: vm_memory::GuestMemoryError,
+        source: VolatileMemoryError,
     },
     /// The range table was invalid or could not be transferred.
     #[error("bad memory range table")]
@@ -74,9 +89,9 @@ impl MemoryStreamError {
             MemoryStreamError::TooLarge { .. }
             | MemoryStreamError::NotInMemory { .. }
             | MemoryStreamError::Table(_) => ErrorReason::InvalidMemory,
-            MemoryStreamError::Send { .. } | MemoryStreamError::Receive { .. } => {
-                ErrorReason::Memory
-            }
+            MemoryStreamError::GuestMemory { .. }
+            | MemoryStreamError::Send { .. }
+            | MemoryStreamError::Receive { .. } => ErrorReason::Memory,
             MemoryStreamError::Protocol(e) => e.reason(),
         }
     }
@@ -108,12 +123,19 @@ where
     for range in table {
         let (gpa, length) = (range.gpa, range.length);
         let len = checked_len(mem, gpa, length)?;
-        mem.write_all_volatile_to(GuestAddress(gpa), out, len)
-            .map_err(|source| MemoryStreamError::Send {
+        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(gpa), len) {
+            let slice = slice.map_err(|source| MemoryStreamError::GuestMemory {
                 gpa,
                 length,
                 source,
             })?;
+            out.write_all_volatile(&slice)
+                .map_err(|source| MemoryStreamError::Send {
+                    gpa,
+                    length,
+                    source,
+                })?;
+        }
         total += length;
     }
     Ok(total)
@@ -134,12 +156,21 @@ where
     for range in table {
         let (gpa, length) = (range.gpa, range.length);
         let len = checked_len(mem, gpa, length)?;
-        mem.read_exact_volatile_from(GuestAddress(gpa), input, len)
-            .map_err(|source| MemoryStreamError::Receive {
+        // One `read_exact` per region slice: a socket read may return less than asked.
+        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(gpa), len) {
+            let mut slice = slice.map_err(|source| MemoryStreamError::GuestMemory {
                 gpa,
                 length,
                 source,
             })?;
+            input
+                .read_exact_volatile(&mut slice)
+                .map_err(|source| MemoryStreamError::Receive {
+                    gpa,
+                    length,
+                    source,
+                })?;
+        }
         total += length;
     }
     Ok(total)
@@ -180,7 +211,7 @@ where
     R: Read + ReadVolatile,
 {
     header
-        .expect(Command::Memory)
+        .check_command(Command::Memory)
         .map_err(MemoryStreamError::Protocol)?;
     let table = MemoryRangeTable::read_from(input, header.length(), ram)
         .map_err(MemoryStreamError::Table)?;
@@ -197,6 +228,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::thread;
     use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::Bytes;
     use vm_memory::GuestMemoryMmap;
 
     const P: u64 = PAGE_SIZE;
@@ -309,6 +341,34 @@ mod tests {
             receive_memory(&dst, &dst_ram, &h, &mut &[][..]),
             Err(MemoryStreamError::Protocol(_))
         ));
+    }
+
+    /// A reader that returns at most 1000 bytes per read, as a socket may.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl ReadVolatile for Trickle<'_> {
+        fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+            &mut self,
+            buf: &mut vm_memory::VolatileSlice<B>,
+        ) -> Result<usize, VolatileMemoryError> {
+            let mut part = buf.subslice(0, buf.len().min(1000))?;
+            self.0.read_volatile(&mut part)
+        }
+    }
+
+    /// Regression: vm-memory's `read_exact_volatile_from` on guest memory does one read per
+    /// region and failed with `PartialBuffer` when a socket returned a short read.
+    #[test]
+    fn regression_short_reads_fill_guest_memory() {
+        let dst = mem();
+        let data: Vec<u8> = (0..70 * P).map(|i| (i % 251) as u8).collect();
+        let table = MemoryRangeTable::from_ranges([MemoryRange::new(20 * P, 70 * P)]).unwrap();
+        let got = receive_ranges(&dst, &table, &mut Trickle(&data)).unwrap();
+        assert_eq!(got, 70 * P);
+        for p in 0..70 {
+            let expected = &data[(p * P) as usize..((p + 1) * P) as usize];
+            assert_eq!(read_page(&dst, (20 + p) * P), expected);
+        }
     }
 
     #[test]

@@ -362,6 +362,17 @@ fn check_table_len(bytes: u64) -> Result<(), RangeError> {
     Ok(())
 }
 
+/// A run of pages inside one RAM region (see [`RamRegions::region_pages`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionPages {
+    /// Index of the region in [`RamRegions::regions`].
+    pub region: usize,
+    /// First page, counted from the region's start.
+    pub first_page: u64,
+    /// Number of pages.
+    pub pages: u64,
+}
+
 /// The guest RAM regions of a VM: sorted, non-overlapping, page-aligned ranges, in the same
 /// order and granularity as the VMM's memory regions (so region `i` matches dirty log `i`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -416,6 +427,34 @@ impl RamRegions {
             .checked_sub(1)?;
         let region = &self.regions[idx];
         (gpa - region.gpa < region.length).then_some(idx)
+    }
+
+    /// The parts of `range` inside guest RAM, as pages of each region it touches, in address
+    /// order. Parts outside RAM are left out; partial pages count as whole ones.
+    pub fn region_pages(&self, range: &MemoryRange) -> Vec<RegionPages> {
+        let end = range.end().unwrap_or(u64::MAX);
+        let first_region = self
+            .regions
+            .partition_point(|r| r.gpa + r.length <= range.gpa);
+        let mut out = Vec::new();
+        for (region, r) in self.regions.iter().enumerate().skip(first_region) {
+            if r.gpa >= end {
+                break;
+            }
+            // `new` checked that `r.gpa + r.length` does not overflow.
+            let start = range.gpa.max(r.gpa);
+            let stop = end.min(r.gpa + r.length);
+            if start < stop {
+                let first_page = (start - r.gpa) / PAGE_SIZE;
+                let pages = (stop - r.gpa).div_ceil(PAGE_SIZE) - first_page;
+                out.push(RegionPages {
+                    region,
+                    first_page,
+                    pages,
+                });
+            }
+        }
+        out
     }
 
     /// Whether `range` lies entirely in guest RAM (it may span regions that touch).
@@ -611,6 +650,20 @@ mod tests {
         assert_eq!(ram.region_index(320 * P), None);
         assert_eq!(ram.region_index(0x1_0000_0000 + 15 * P), Some(2));
         assert!(!ram.contains(&MemoryRange::new(0, 0)));
+        let span = |region, first_page, pages| RegionPages {
+            region,
+            first_page,
+            pages,
+        };
+        assert_eq!(
+            ram.region_pages(&MemoryRange::new(250 * P, 0x1_0000_0000)),
+            vec![span(0, 250, 6), span(1, 0, 64), span(2, 0, 16)]
+        );
+        assert_eq!(
+            ram.region_pages(&MemoryRange::new(0x1_0000_0000 + 15 * P + 1, 100)),
+            vec![span(2, 15, 1)]
+        );
+        assert!(ram.region_pages(&MemoryRange::new(400 * P, P)).is_empty());
         assert!(matches!(
             RamRegions::new([MemoryRange::new(0, 2 * P), MemoryRange::new(P, P)]),
             Err(RangeError::Unsorted { .. })

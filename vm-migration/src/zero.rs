@@ -203,17 +203,9 @@ impl ZeroPageFilter {
     /// ranges outside guest RAM are ignored.
     pub fn mark_sent(&mut self, table: &MemoryRangeTable) {
         for range in table {
-            let end = range.end().unwrap_or(u64::MAX);
-            for (idx, region) in self.ram.regions().iter().enumerate() {
-                // RamRegions guarantees `region.gpa + region.length` does not overflow.
-                let start = range.gpa.max(region.gpa);
-                let stop = end.min(region.gpa + region.length);
-                if start < stop {
-                    let first = (start - region.gpa) / PAGE_SIZE;
-                    let count = pages_for_bytes(stop - region.gpa) - first;
-                    // In range by construction, so this cannot fail.
-                    let _ = self.sent[idx].set_range(first, count);
-                }
+            for s in self.ram.region_pages(range) {
+                // In range by construction of `region_pages`, so this cannot fail.
+                let _ = self.sent[s.region].set_range(s.first_page, s.pages);
             }
         }
     }

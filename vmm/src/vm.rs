@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use hypervisor::{Hypervisor, Vm as HypervisorVm};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::boot::{self, regs, BootError};
@@ -42,6 +42,9 @@ pub enum VmError {
     /// vCPU control failed.
     #[error("vCPU control failed")]
     Vcpu(#[source] VcpuError),
+    /// A snapshot for a different number of vCPUs.
+    #[error("snapshot has {0} vCPUs, this VM {1}")]
+    SnapshotMismatch(usize, usize),
     /// The request does not fit the VM's state.
     #[error("VM is {0:?}")]
     InvalidState(VmState),
@@ -58,6 +61,16 @@ pub enum VmState {
     Paused,
     /// Stopped for good.
     Shutdown,
+}
+
+/// The CPU-side state of a paused VM: VM-wide interrupt controllers and clock, and every vCPU.
+/// Memory travels separately.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// Irqchips, PIT and clock.
+    pub vm: hypervisor::VmState,
+    /// One entry per vCPU, in id order.
+    pub vcpus: Vec<hypervisor::VcpuState>,
 }
 
 /// What the VM reports about itself for `vm.info`.
@@ -186,6 +199,34 @@ impl Vm {
         }
         self.vcpus.resume();
         self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Saves the CPU-side state. The VM must be paused.
+    pub fn snapshot(&self) -> Result<VmSnapshot, VmError> {
+        if self.state != VmState::Paused {
+            return Err(VmError::InvalidState(self.state));
+        }
+        let vcpus = self.vcpus.states().map_err(VmError::Vcpu)?;
+        let vm = self.vm.state().map_err(VmError::Hypervisor)?;
+        Ok(VmSnapshot { vm, vcpus })
+    }
+
+    /// Loads a snapshot into a VM that was built but never booted, and starts its vCPUs paused:
+    /// [`Vm::resume`] lets the guest continue. Memory must already hold the guest's contents.
+    pub fn restore(&mut self, snapshot: &VmSnapshot) -> Result<(), VmError> {
+        if self.state != VmState::Created {
+            return Err(VmError::InvalidState(self.state));
+        }
+        if snapshot.vcpus.len() != self.vcpus.count() {
+            return Err(VmError::SnapshotMismatch(snapshot.vcpus.len(), self.vcpus.count()));
+        }
+        self.vm.set_state(&snapshot.vm).map_err(VmError::Hypervisor)?;
+        self.vcpus.restore(&snapshot.vcpus).map_err(VmError::Vcpu)?;
+        self.vcpus
+            .start(self.handlers(), self.exit_sink.clone(), true)
+            .map_err(VmError::Vcpu)?;
+        self.state = VmState::Paused;
         Ok(())
     }
 

@@ -105,3 +105,6 @@ impl Hypervisor for KvmHypervisor {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -391,3 +391,12 @@ extern "C" {
     /// End of the image including bss, page aligned (linker script).
     pub static __image_end: u8;
 }
+
+extern "C" {
+    static boot_pml4: u8;
+}
+
+/// Physical address of the PML4.
+pub fn boot_pml4_addr() -> u64 {
+    core::ptr::addr_of!(boot_pml4) as u64
+}

@@ -159,3 +159,28 @@ pub fn exit(code: u8) -> ! {
         pause();
     }
 }
+
+/// Reads a word from an I/O port.
+#[inline(always)]
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: port I/O has no memory effects visible to Rust.
+    unsafe { asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes a word to an I/O port.
+#[inline(always)]
+pub fn outw(port: u16, v: u16) {
+    // SAFETY: as above.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Volatile 64-bit MMIO write (as two 32-bit writes, low first).
+///
+/// # Safety
+/// As [`mmio_write32`], 8-byte aligned.
+pub unsafe fn mmio_write64(addr: u64, v: u64) {
+    mmio_write32(addr, v as u32);
+    mmio_write32(addr + 4, (v >> 32) as u32);
+}

@@ -137,7 +137,11 @@ fn main_loop(cfg: &Config, w: &workload::Workload, buddy: &mut guest_core::buddy
             seq += 1;
             let t0 = kernel::rdtsc();
             let mut shown = 0usize;
+            let mut first_gpa = 0u64;
             let mut report = |gpa: u64, gen: u64, m: guest_core::pattern::Mismatch| {
+                if shown == 0 {
+                    first_gpa = gpa;
+                }
                 if shown < workload::MAX_REPORTED {
                     println!(
                         "guest: verify FAILED seq={} page={:#x} gen={} word={} got={:#x} want={:#x}",
@@ -154,10 +158,10 @@ fn main_loop(cfg: &Config, w: &workload::Workload, buddy: &mut guest_core::buddy
             let us = time::ticks_to_us(kernel::rdtsc() - t0);
             if failed == 0 {
                 println!("guest: verify ok seq={} pages={}", seq, w.held_pages());
-            } else {
+            } else if failed as usize > workload::MAX_REPORTED {
                 println!(
-                    "guest: verify FAILED seq={} page=summary failed_pages={} (first {} listed) pages={} verify_us={}",
-                    seq, failed, shown.min(workload::MAX_REPORTED), w.held_pages(), us
+                    "guest: verify FAILED seq={} page={:#x} failed_pages={} (only the first {} listed) verify_us={}",
+                    seq, first_gpa, failed, workload::MAX_REPORTED, us
                 );
             }
             if seq == 1 || seq % 64 == 0 {

@@ -59,3 +59,52 @@ pub fn map_all(bi: &BootInfo, mmio: &[(u64, u64)]) -> Mapped {
     flush_tlb();
     Mapped { end: gibs * GIB, truncated: top > gibs * GIB && ram_end > gibs * GIB }
 }
+
+/// Extra page-table pages for MMIO mapped after boot (BARs outside the mapped range).
+const POOL_PAGES: usize = 8;
+#[repr(C, align(4096))]
+struct Pool([[u64; 512]; POOL_PAGES]);
+static mut POOL: Pool = Pool([[0; 512]; POOL_PAGES]);
+static mut POOL_USED: usize = 0;
+
+fn entry(table: u64, i: u64) -> u64 {
+    // SAFETY: `table` is a page-table page of the identity map.
+    unsafe { core::ptr::read_volatile((table + 8 * i) as *const u64) }
+}
+
+/// Returns the table the entry `i` of `table` points to, creating an empty one if needed.
+fn next_table(table: u64, i: u64) -> Option<u64> {
+    let e = entry(table, i);
+    if e & 1 != 0 {
+        return if e & 0x80 != 0 { None } else { Some(e & 0x000f_ffff_ffff_f000) };
+    }
+    // SAFETY: BSP-only, during setup.
+    unsafe {
+        if POOL_USED >= POOL_PAGES {
+            return None;
+        }
+        let page = core::ptr::addr_of_mut!(POOL.0[POOL_USED]) as u64;
+        POOL_USED += 1;
+        kernel_write64(table + 8 * i, page | 7);
+        Some(page)
+    }
+}
+
+/// Maps `[addr, addr + len)` uncached if it is not mapped yet (MMIO BARs placed anywhere).
+/// Returns false if it cannot (out of table pages, or a 1 GiB page in the way).
+pub fn map_mmio(addr: u64, len: u64) -> bool {
+    let pml4 = crate::boot::boot_pml4_addr();
+    let mut a = addr & !(MIB2 - 1);
+    while a < addr + len {
+        let (i4, i3, i2) = ((a >> 39) & 511, (a >> 30) & 511, (a >> 21) & 511);
+        let Some(pdpt) = next_table(pml4, i4) else { return false };
+        let Some(pd) = next_table(pdpt, i3) else { return false };
+        if entry(pd, i2) & 1 == 0 {
+            // SAFETY: a not-present PDE of the identity map becomes an uncached 2 MiB page.
+            unsafe { kernel_write64(pd + 8 * i2, a | UC) };
+        }
+        a += MIB2;
+    }
+    flush_tlb();
+    true
+}

@@ -387,6 +387,14 @@ pub(crate) fn merge_bytes(offset: u64, data: &[u8]) -> Option<(u32, u32)> {
     Some((val, mask))
 }
 
+/// Little-endian value of an access of up to 8 bytes (extra bytes are ignored).
+pub(crate) fn merge_bytes_le(data: &[u8]) -> u64 {
+    data.iter()
+        .take(8)
+        .enumerate()
+        .fold(0u64, |v, (i, b)| v | u64::from(*b) << (i * 8))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ mod msix;
 pub use allocator::{BarAllocator, MMIO32_WINDOW_SIZE, MMIO32_WINDOW_START};
 pub use bus::{BarReprogram, PciBus, PciDevice, PciHostBridge, PciIoEvent, SharedPciDevice};
 pub use config_io::{PciConfigIo, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE};
+pub(crate) use configuration::merge_bytes_le;
 pub use configuration::{PciBarInfo, PciBarKind, PciConfiguration, PciConfigurationParams};
 pub use msix::{MsixConfig, MsixState, MsixTableEntry, MsixTrigger};
 

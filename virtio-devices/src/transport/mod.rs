@@ -18,6 +18,8 @@ mod common_config;
 mod device;
 mod interrupt;
 mod state;
+#[cfg(test)]
+mod tests;
 
 pub use device::VirtioPciDevice;
 pub use state::{CommonConfigState, QueueSnapshot, VirtioPciState};

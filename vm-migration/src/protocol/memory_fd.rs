@@ -122,7 +122,7 @@ pub fn receive_memory_fds(
     socket: &UnixStream,
     header: &RequestHeader,
 ) -> Result<Vec<MemoryFdRegion<OwnedFd>>, ProtocolError> {
-    header.expect(Command::MemoryFd)?;
+    header.check_command(Command::MemoryFd)?;
     let len = header.length();
     if !len.is_multiple_of(MEMORY_FD_ENTRY_SIZE) {
         return Err(ProtocolError::BadPayloadLength {

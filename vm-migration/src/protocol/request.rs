@@ -117,7 +117,7 @@ impl RequestHeader {
     }
 
     /// Checks that this is a `command` request.
-    pub fn expect(&self, command: Command) -> Result<(), ProtocolError> {
+    pub fn check_command(&self, command: Command) -> Result<(), ProtocolError> {
         if self.command != command {
             return Err(ProtocolError::UnexpectedCommand {
                 expected: command,
@@ -247,7 +247,7 @@ mod tests {
             let back = RequestHeader::read_from(&mut buf.as_slice()).unwrap();
             assert_eq!(back, h);
             assert_eq!(Command::from_code(cmd.code()).unwrap(), cmd);
-            back.expect(cmd).unwrap();
+            back.check_command(cmd).unwrap();
         }
     }
 
@@ -314,7 +314,7 @@ mod tests {
         ));
         let h = RequestHeader::new(Command::Start, 0).unwrap();
         assert!(matches!(
-            h.expect(Command::Config),
+            h.check_command(Command::Config),
             Err(ProtocolError::UnexpectedCommand {
                 expected: Command::Config,
                 got: Command::Start

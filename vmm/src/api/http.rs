@@ -198,8 +198,11 @@ fn serve(listener: UnixListener, path: &Path, mut handler: ApiHandler, limits: L
             }
         }
     }
-    if let Err(e) = fs::remove_file(path) {
-        warn!("Cannot remove API socket {}: {e}", path.display());
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            warn!("Cannot remove API socket {}: {e}", path.display())
+        }
+        _ => {}
     }
     info!("API server stopped");
 }

@@ -1,0 +1,243 @@
+//! `ch-remote`: argument errors, transport errors, and what it sends and prints, against a small
+//! fake API server in the test (no KVM needed).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::thread;
+
+fn ch_remote(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ch-remote"))
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("cli-rem-{}-{name}.sock", std::process::id()))
+}
+
+/// Expects exit 1 and one stderr line starting `ch-remote: ` that contains `needle`.
+fn fails(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty(), "{:?}", out.stdout);
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(stderr.starts_with("ch-remote: "), "{stderr:?}");
+    assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+}
+
+#[test]
+fn missing_socket() {
+    let out = ch_remote(Path::new("/nonexistent/api.sock"), &["ping"]);
+    fails(&out, "cannot connect to API socket /nonexistent/api.sock");
+}
+
+#[test]
+fn argument_errors() {
+    // All caught before connecting: the socket does not exist.
+    let s = Path::new("/nonexistent/api.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_ch-remote"))
+        .arg("ping")
+        .output()
+        .unwrap();
+    fails(&out, "--api-socket");
+    fails(&ch_remote(s, &[]), "no command given");
+    fails(
+        &ch_remote(s, &["frobnicate"]),
+        "unrecognized subcommand 'frobnicate'",
+    );
+    fails(
+        &ch_remote(s, &["ping", "extra"]),
+        "unexpected argument 'extra'",
+    );
+    fails(&ch_remote(s, &["resize"]), "--balloon");
+    fails(
+        &ch_remote(s, &["resize", "--balloon", "12Q"]),
+        "invalid size \"12Q\"",
+    );
+    fails(&ch_remote(s, &["send-migration"]), "<URL>");
+    fails(
+        &ch_remote(s, &["send-migration", "http://x"]),
+        "is not unix:<path> or tcp:<host>:<port>",
+    );
+    fails(
+        &ch_remote(s, &["send-migration", "tcp:host"]),
+        "is not unix:<path>",
+    );
+    fails(
+        &ch_remote(s, &["send-migration", "downtime_ms=5"]),
+        "\"destination_url\" is required",
+    );
+    fails(
+        &ch_remote(
+            s,
+            &["send-migration", "destination_url=unix:/x,zero_pages=maybe"],
+        ),
+        "zero_pages must be on or off",
+    );
+    fails(
+        &ch_remote(s, &["send-migration", "destination_url=unix:/x,speed=9"]),
+        "unknown option \"speed\"",
+    );
+    fails(
+        &ch_remote(s, &["receive-migration", "/tmp/x"]),
+        "is not unix:<path>",
+    );
+    fails(
+        &ch_remote(s, &["balloon-hints", "go"]),
+        "expected start, stop or done",
+    );
+    fails(
+        &ch_remote(s, &["create", "/nonexistent/vm.json"]),
+        "cannot read /nonexistent/vm.json",
+    );
+    let json = std::env::temp_dir().join(format!("cli-rem-{}-vm.json", std::process::id()));
+    std::fs::write(&json, br#"{"disks": []}"#).unwrap();
+    fails(
+        &ch_remote(s, &["create", json.to_str().unwrap()]),
+        "unknown field `disks`",
+    );
+    let _ = std::fs::remove_file(&json);
+}
+
+/// Serves one connection: returns the raw request, answers `response`.
+fn serve_once(listener: &UnixListener, response: &'static str) -> String {
+    let (mut stream, _) = listener.accept().unwrap();
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).unwrap();
+        request.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&request).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            if request.len() >= end + 4 + length {
+                break;
+            }
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    stream.write_all(response.as_bytes()).unwrap();
+    String::from_utf8(request).unwrap()
+}
+
+#[test]
+fn requests_and_output() {
+    let path = socket_path("fake");
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = thread::spawn(move || {
+        let mut requests = Vec::new();
+        for response in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\n{\"status\":\"completed\"}",
+            "HTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 409 Conflict\r\nContent-Length: 29\r\n\r\n{\"error\":\"VM is not running\"}",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+            "garbage",
+        ] {
+            requests.push(serve_once(&listener, response));
+        }
+        requests
+    });
+
+    let out = ch_remote(
+        &path,
+        &[
+            "send-migration",
+            "destination_url=unix:/tmp/dst,zero_pages=off,hint_wait_ms=50",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"{\"status\":\"completed\"}\n");
+    assert!(out.stderr.is_empty());
+
+    let out = ch_remote(&path, &["balloon-hints", "start"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+
+    let out = ch_remote(&path, &["pause"]);
+    fails(&out, "VM is not running");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "ch-remote: VM is not running\n"
+    );
+
+    let out = ch_remote(&path, &["resize", "--balloon", "64M"]);
+    assert_eq!(out.status.code(), Some(0));
+
+    fails(&ch_remote(&path, &["info"]), "malformed API response");
+
+    let requests = server.join().unwrap();
+    assert!(requests[0].starts_with("PUT /api/v1/vm.send-migration HTTP/1.1\r\n"));
+    let body = requests[0].split("\r\n\r\n").nth(1).unwrap();
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"destination_url": "unix:/tmp/dst", "local": false, "downtime_ms": 300,
+            "timeout_s": 3600, "free_page_hints": true, "zero_pages": false, "hint_wait_ms": 50})
+    );
+    assert!(requests[1].starts_with("PUT /api/v1/vm.balloon-hints HTTP/1.1\r\n"));
+    assert!(requests[1].ends_with("\r\n\r\n{\"action\":\"start\"}"));
+    assert!(requests[2].starts_with("PUT /api/v1/vm.pause HTTP/1.1\r\n"));
+    assert!(requests[3].ends_with("\r\n\r\n{\"desired_balloon\":67108864}"));
+    assert!(requests[4].starts_with("GET /api/v1/vm.info HTTP/1.1\r\n"));
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Against the real VMM: ping, then shutdown-vmm ends the process. Needs /dev/kvm (the VMM opens
+/// it at start), so it is skipped without.
+#[test]
+fn ping_and_shutdown_vmm() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("skipped: /dev/kvm not available");
+        return;
+    }
+    let path = socket_path("vmm");
+    let _ = std::fs::remove_file(&path);
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
+        .arg("--api-socket")
+        .arg(format!("path={}", path.display()))
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if path.exists() {
+            break;
+        }
+        thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let out = ch_remote(&path, &["ping"]);
+    if out.status.code() != Some(0) {
+        let _ = vmm.kill();
+    }
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    let out = ch_remote(&path, &["shutdown-vmm"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = vmm.wait().unwrap();
+    assert!(status.success());
+    let _ = std::fs::remove_file(&path);
+}
