@@ -23,8 +23,12 @@ use vmm::{start_vmm, VmmParams};
     about = "A virtual machine monitor whose live migration skips the guest's free memory"
 )]
 struct Cli {
-    /// REST API socket: path=<sock> or a bare path
-    #[arg(long, value_name = "path=<sock>")]
+    /// REST API socket
+    #[arg(
+        long,
+        value_name = "path=<sock>",
+        help = "REST API socket: path=<sock> or a bare path"
+    )]
     api_socket: Option<String>,
     /// Kernel to boot: an ELF with a PVH note, or a bzImage
     #[arg(long, value_name = "file")]
@@ -35,17 +39,30 @@ struct Cli {
     /// Initramfs image
     #[arg(long, value_name = "file")]
     initramfs: Option<PathBuf>,
-    /// vCPUs: boot=<n>
-    #[arg(long, value_name = "boot=<n>")]
+    /// vCPUs
+    #[arg(long, value_name = "boot=<n>", help = "vCPUs: boot=<n>")]
     cpus: Option<String>,
-    /// Guest memory: size=<size>[,shared=on|off][,prefault=on|off][,thp=on|off]
-    #[arg(long, value_name = "size=<size>,...")]
+    /// Guest memory
+    #[arg(
+        long,
+        value_name = "size=<size>,...",
+        help = "Guest memory: size=<size>[,shared=on|off][,prefault=on|off][,thp=on|off]"
+    )]
     memory: Option<String>,
-    /// virtio-balloon: size=<size>[,deflate_on_oom=on|off][,free_page_reporting=on|off][,free_page_hinting=on|off][,statistics=on|off]
-    #[arg(long, value_name = "size=<size>,...")]
+    /// virtio-balloon
+    #[arg(
+        long,
+        value_name = "size=<size>,...",
+        help = "virtio-balloon: size=<size>[,deflate_on_oom=on|off][,free_page_reporting=on|off]\
+                [,free_page_hinting=on|off][,statistics=on|off]"
+    )]
     balloon: Option<String>,
-    /// Serial port: off|null|tty|file=<path>
-    #[arg(long, value_name = "off|null|tty|file=<path>")]
+    /// Serial port
+    #[arg(
+        long,
+        value_name = "off|null|tty|file=<path>",
+        help = "Serial port: off|null|tty|file=<path>"
+    )]
     serial: Option<String>,
     /// Console: off|null|tty
     #[arg(long, value_name = "off|null|tty")]

@@ -65,18 +65,24 @@ enum Command {
         #[arg(long, value_name = "size")]
         balloon: String,
     },
-    /// Wait for a migration on <url> (vm.receive-migration)
+    /// Wait for an incoming migration (vm.receive-migration)
+    #[command(about = "Wait for a migration on <url> (vm.receive-migration)")]
     ReceiveMigration {
-        /// unix:<path> or tcp:<host>:<port>, or receiver_url=<url>
+        /// Where to listen
+        #[arg(help = "unix:<path> or tcp:<host>:<port>, or receiver_url=<url>")]
         url: String,
     },
-    /// Migrate the VM to <url> and print the report (vm.send-migration)
+    /// Migrate the VM and print the report (vm.send-migration)
+    #[command(about = "Migrate the VM to <url> and print the report (vm.send-migration)")]
     SendMigration {
         /// Local migration (memory handed over, not copied)
         #[arg(long)]
         local: bool,
-        /// unix:<path> or tcp:<host>:<port>, or destination_url=<url>[,downtime_ms=<n>]
-        /// [,timeout_s=<n>][,free_page_hints=on|off][,zero_pages=on|off][,hint_wait_ms=<n>][,local=on]
+        /// Where to send the VM, and the migration options
+        #[arg(
+            help = "unix:<path> or tcp:<host>:<port>, or destination_url=<url>[,downtime_ms=<n>]\
+            [,timeout_s=<n>][,free_page_hints=on|off][,zero_pages=on|off][,hint_wait_ms=<n>][,local=on]"
+        )]
         url: String,
     },
     /// Show the last hinting round, or run a step of one (vm.balloon-hints)

@@ -54,7 +54,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 /// `prefault` is set, so the host's RSS grows only with what the guest uses.
 pub fn create_guest_memory(config: &MemoryConfig) -> Result<Arc<GuestMemoryMmap>, MemoryError> {
     let size = config.size;
-    if size == 0 || size % 4096 != 0 {
+    if size == 0 || !size.is_multiple_of(4096) {
         return Err(MemoryError::InvalidSize(size));
     }
     let file = if config.shared {

@@ -30,8 +30,9 @@ impl Mem {
         Mem(p.cast())
     }
 
-    fn bytes(&self) -> &mut [u8] {
-        // SAFETY: the mapping is MEM_SIZE bytes and lives as long as `self`.
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is MEM_SIZE bytes, lives as long as `self`, and `&mut self` makes
+        // this the only slice over it (a running vCPU writes through KVM, not through Rust).
         unsafe { std::slice::from_raw_parts_mut(self.0, MEM_SIZE) }
     }
 }
@@ -102,7 +103,7 @@ fn next_count(vcpu: &mut dyn Vcpu) -> u8 {
 
 #[test]
 fn counter_guest_runs() {
-    let mem = Mem::new();
+    let mut mem = Mem::new();
     mem.bytes()[CODE as usize..CODE as usize + COUNTER.len()].copy_from_slice(&COUNTER);
     let vm = vm_with(&mem, false);
     let mut vcpu = vm.create_vcpu(0).unwrap();
@@ -114,7 +115,7 @@ fn counter_guest_runs() {
 
 #[test]
 fn state_round_trips_into_a_fresh_vm() {
-    let mem = Mem::new();
+    let mut mem = Mem::new();
     mem.bytes()[CODE as usize..CODE as usize + COUNTER.len()].copy_from_slice(&COUNTER);
     let vm = vm_with(&mem, false);
     let mut vcpu = vm.create_vcpu(0).unwrap();
@@ -134,7 +135,7 @@ fn state_round_trips_into_a_fresh_vm() {
     let json = serde_json::to_string(&state).unwrap();
     let state: crate::VcpuState = serde_json::from_str(&json).unwrap();
 
-    let mem2 = Mem::new();
+    let mut mem2 = Mem::new();
     mem2.bytes().copy_from_slice(mem.bytes());
     let vm2 = vm_with(&mem2, false);
     vm2.set_state(&vm_state).unwrap();
@@ -149,7 +150,7 @@ fn state_round_trips_into_a_fresh_vm() {
 
 #[test]
 fn dirty_log_sees_guest_writes() {
-    let mem = Mem::new();
+    let mut mem = Mem::new();
     // `mov byte [0x5000], al; inc eax; out 0x80, al; jmp -10`
     let code = [0xa2, 0x00, 0x50, 0x00, 0x00, 0x40, 0xe6, 0x80, 0xeb, 0xf6];
     mem.bytes()[CODE as usize..CODE as usize + code.len()].copy_from_slice(&code);

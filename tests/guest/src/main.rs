@@ -101,7 +101,7 @@ fn bsp_main(start_info: u64) -> ! {
     let work_ms = time::ticks_to_us(kernel::rdtsc() - t_work) / 1000;
 
     // balloon
-    let mut dev = balloon::Balloon::probe(&cfg, apic_id, balloon_list, hint_list);
+    let mut dev = balloon::Balloon::probe(&cfg, apic_id, balloon_list, hint_list, &mut buddy);
 
     println!(
         "guest: setup_ms={} workload_ms={} used={} fragment_kept={} hot={} dirty={} cpus={} hint={}",
@@ -186,6 +186,14 @@ fn selftest(what: guest_core::cmdline::SelfTest) {
             // SAFETY: deliberately touches an unmapped address to exercise the fault path.
             let v = unsafe { core::ptr::read_volatile(0x7fff_dead_0000u64 as *const u64) };
             println!("guest: selftest fault did not fault ({})", v);
+        }
+        SelfTest::Irq => {
+            let v = balloon::CONFIG_VECTOR as usize;
+            let before = smp::irq_counts[v].load(Ordering::Relaxed);
+            smp::self_ipi(v as u8);
+            time::delay_us(10_000);
+            let after = smp::irq_counts[v].load(Ordering::Relaxed);
+            println!("guest: selftest irq vector={:#x} count {} -> {}", v, before, after);
         }
         SelfTest::Corrupt => {
             if let Some(p) = SELFTEST_PAGE.get() {

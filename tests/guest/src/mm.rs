@@ -17,11 +17,6 @@ pub struct PfnList {
 }
 
 impl PfnList {
-    /// An empty list with no capacity.
-    pub const fn empty() -> Self {
-        PfnList { ptr: core::ptr::null_mut(), len: 0, cap: 0 }
-    }
-
     /// Appends; returns false when full.
     pub fn push(&mut self, pfn: u32) -> bool {
         if self.len >= self.cap {
@@ -55,11 +50,6 @@ impl PfnList {
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    /// Capacity.
-    pub fn capacity(&self) -> usize {
-        self.cap
     }
 
     /// Raw base pointer (for sharing read-only with another vCPU).
@@ -118,8 +108,8 @@ impl Carve {
 
 /// One past the guest image (bss, stacks and page tables included).
 pub fn image_end() -> u64 {
-    // SAFETY: linker-provided symbol; only its address is used.
-    unsafe { core::ptr::addr_of!(__image_end) as u64 }
+    // Linker-provided symbol; only its address is used.
+    core::ptr::addr_of!(__image_end) as u64
 }
 
 /// Bytes of carve needed for allocator metadata covering PFNs `0..max_pfn`.

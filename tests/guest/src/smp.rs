@@ -152,3 +152,12 @@ pub fn start_aps(bi: &BootInfo, want: u32) -> u32 {
     }
     online + 1
 }
+
+/// Sends a fixed interrupt with `vector` to this CPU (tests the IRQ path).
+pub fn self_ipi(vector: u8) {
+    if apic_x2.load(Ordering::Relaxed) != 0 {
+        wrmsr(0x83f, vector as u64); // x2APIC SELF IPI
+    } else {
+        send_ipi(0x0004_4000 | vector as u32); // shorthand self, fixed
+    }
+}

@@ -116,11 +116,6 @@ pub fn us_to_ticks(us: u64) -> u64 {
     (us as u128 * tsc_hz() as u128 / 1_000_000) as u64
 }
 
-/// Microseconds since TSC 0.
-pub fn now_us() -> u64 {
-    ticks_to_us(rdtsc())
-}
-
 /// Busy-waits `us` microseconds (with `pause`).
 pub fn delay_us(us: u64) {
     let end = rdtsc().saturating_add(us_to_ticks(us));

@@ -147,15 +147,13 @@ impl Transport {
         self.w32(12, (f >> 32) as u32);
     }
 
-    /// Number of queues the device has.
-    pub fn num_queues(&self) -> u16 {
-        self.c16(18)
-    }
-
     /// Programs MSI-X table entry 0 to deliver `vector` to the local APIC `apic_id`, enables
     /// MSI-X, and routes configuration changes to entry 0. Returns false if the device refused.
     pub fn setup_config_irq(&self, apic_id: u32, vector: u8) -> bool {
-        let Some(m) = &self.msix else { return false };
+        let Some(m) = &self.msix else {
+            crate::println!("guest: balloon has no MSI-X capability");
+            return false;
+        };
         if m.size == 0 {
             return false;
         }
@@ -169,7 +167,12 @@ impl Transport {
         let ctrl = self.pci.read16(m.cap + 2);
         self.pci.write16(m.cap + 2, (ctrl | 0x8000) & !0x4000);
         self.w16(16, 0);
-        self.c16(16) == 0
+        let back = self.c16(16);
+        if back != 0 {
+            crate::println!("guest: balloon refused MSI-X config vector (table {:#x} size {} ctrl {:#x} readback {:#x})",
+                            m.table, m.size, self.pci.read16(m.cap + 2), back);
+        }
+        back == 0
     }
 
     /// Sets up queue `index` with up to `max` entries (rings from the allocator) and enables it.
@@ -246,11 +249,6 @@ impl Queue {
     /// Free descriptors.
     pub fn num_free(&self) -> u16 {
         self.num_free
-    }
-
-    /// Buffers given to the device and not yet used.
-    pub fn in_flight(&self) -> u16 {
-        self.size - self.num_free
     }
 
     /// Adds one buffer (device-writable if `write`). Returns false if the ring is full.

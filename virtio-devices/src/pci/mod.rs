@@ -12,7 +12,9 @@ pub use bus::{BarReprogram, PciBus, PciDevice, PciHostBridge, PciIoEvent, Shared
 pub use config_io::{PciConfigIo, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE};
 pub(crate) use configuration::merge_bytes_le;
 pub use configuration::{PciBarInfo, PciBarKind, PciConfiguration, PciConfigurationParams};
-pub use msix::{MsixConfig, MsixState, MsixTableEntry, MsixTrigger};
+pub use msix::{
+    MsixConfig, MsixState, MsixTableEntry, MsixTrigger, MSIX_CTL_ENABLE, MSIX_CTL_FUNCTION_MASK,
+};
 
 use thiserror::Error;
 

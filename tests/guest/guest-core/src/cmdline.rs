@@ -33,6 +33,8 @@ pub enum SelfTest {
     Fault,
     /// Corrupt one word of a live page (a `verify FAILED` line must appear).
     Corrupt,
+    /// Send a self-IPI on the balloon's config vector (the IRQ path must count it).
+    Irq,
 }
 
 /// Parsed command line.
@@ -125,6 +127,7 @@ impl Config {
                 "selftest" => match val {
                     "fault" => Some(c.selftest = SelfTest::Fault),
                     "corrupt" => Some(c.selftest = SelfTest::Corrupt),
+                    "irq" => Some(c.selftest = SelfTest::Irq),
                     "none" => Some(c.selftest = SelfTest::None),
                     _ => None,
                 },
