@@ -30,7 +30,10 @@ pub(crate) mod test_utils;
 /// that records the VMM's own writes for migration.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
-/*BALLOON*/
+pub use balloon::{
+    Balloon, BalloonConfig, BalloonCounters, BalloonError, BalloonHandle, BalloonState,
+    BalloonStats, HintMode, HintRange, HintRound, HintState, HintStatus,
+};
 pub use interrupt::{
     InterruptError, IntxLine, MsiMessage, MsiVectors, VirtioInterrupt, VirtioInterruptType,
 };

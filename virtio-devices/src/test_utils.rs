@@ -138,9 +138,12 @@ impl TestQueue {
     pub fn queue(&self) -> Queue {
         let mut q = Queue::new(self.size).unwrap();
         q.set_size(self.size);
-        q.try_set_desc_table_address(GuestAddress(self.desc)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used)).unwrap();
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.used))
+            .unwrap();
         q.set_ready(true);
         q
     }
@@ -164,7 +167,9 @@ impl TestQueue {
 
     /// Overwrite the available ring index (to misbehave on purpose).
     pub fn set_avail_idx(&self, idx: u16) {
-        self.mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
+        self.mem
+            .write_obj(idx, GuestAddress(self.avail + 2))
+            .unwrap();
     }
 
     /// Add a chain of buffers and publish it; returns the head index.

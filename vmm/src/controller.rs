@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::api::{self, ApiError, ApiRequest, ApiResult};
 use crate::config::VmConfig;
+use crate::migration;
 use crate::vcpu::VcpuExitEvent;
 use crate::vm::{Vm, VmError, VmState};
 
@@ -49,8 +50,11 @@ pub struct Vmm {
     hypervisor: Arc<dyn Hypervisor>,
     vm: Option<Vm>,
     events_tx: Sender<VmmEvent>,
-    /// Whether the process ends when the VM does (it was given on the command line).
+    /// Whether the process ends when the VM does (it was given on the command line, or
+    /// arrived by migration).
     exit_with_vm: bool,
+    /// Set once the VM has been migrated away: the process ends after answering.
+    migrated: bool,
 }
 
 /// Runs the VMM until it is told to stop; returns the process exit code.
@@ -62,6 +66,7 @@ pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
         vm: None,
         events_tx: tx.clone(),
         exit_with_vm: params.vm_config.is_some(),
+        migrated: false,
     };
     if let Some(path) = &params.api_socket {
         let api_tx = tx.clone();
@@ -130,7 +135,7 @@ impl Vmm {
                     let vm_gone = self.vm.as_ref().is_none_or(|vm| vm.state() == VmState::Shutdown);
                     // The client may have hung up; the request was still carried out.
                     let _ = reply.send(result);
-                    if shutdown_vmm || (self.exit_with_vm && vm_gone) {
+                    if shutdown_vmm || self.migrated || (self.exit_with_vm && vm_gone) {
                         self.teardown();
                         return 0;
                     }
@@ -221,8 +226,27 @@ impl Vmm {
                 Ok(None)
             }
             ApiRequest::VmResize(_) => Err(ApiError::Unsupported("vm.resize without a balloon".into())),
-            ApiRequest::VmSendMigration(_) => Err(ApiError::Unsupported("vm.send-migration".into())),
-            ApiRequest::VmReceiveMigration(_) => Err(ApiError::Unsupported("vm.receive-migration".into())),
+            ApiRequest::VmSendMigration(data) => {
+                let vm = self.vm.as_mut().ok_or_else(no_vm)?;
+                let report = migration::send::send_migration(vm, &data, None)
+                    .map_err(|e| ApiError::internal("migration failed", e))?;
+                log::info!("migration completed: {report:?}");
+                // The guest runs on the destination now: this VMM is done.
+                self.migrated = true;
+                serde_json::to_value(&report)
+                    .map(Some)
+                    .map_err(|e| ApiError::internal("cannot encode the migration report", e))
+            }
+            ApiRequest::VmReceiveMigration(data) => {
+                if self.vm.is_some() {
+                    return Err(ApiError::InvalidState("a VM already exists".into()));
+                }
+                let vm = migration::receive::receive_migration(&data, self.hypervisor.as_ref(), self.exit_sink())
+                    .map_err(|e| ApiError::internal("incoming migration failed", e))?;
+                self.vm = Some(vm);
+                self.exit_with_vm = true;
+                Ok(None)
+            }
             ApiRequest::VmBalloonHintsGet | ApiRequest::VmBalloonHintsPut(_) => {
                 Err(ApiError::Unsupported("vm.balloon-hints without a balloon".into()))
             }

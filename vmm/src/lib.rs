@@ -12,6 +12,7 @@ pub mod devices;
 pub mod interrupts;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod vcpu;
 pub mod vm;
 

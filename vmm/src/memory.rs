@@ -79,6 +79,24 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<Arc<GuestMemoryMmap>
     Ok(Arc::new(mem))
 }
 
+/// Guest RAM mapped from files another VMM handed over (local migration): each region maps
+/// `size` bytes at `offset` of its file, shared, at `gpa`.
+pub fn guest_memory_from_files(
+    regions: Vec<vm_migration::protocol::MemoryFdRegion<std::os::fd::OwnedFd>>,
+    config: &MemoryConfig,
+) -> Result<Arc<GuestMemoryMmap>, MemoryError> {
+    let mut out = Vec::new();
+    for r in regions {
+        let size = usize::try_from(r.size).map_err(|_| MemoryError::InvalidSize(r.size))?;
+        let file = File::from(r.fd);
+        let mapping = MmapRegion::from_file(FileOffset::new(file, r.offset), size).map_err(MemoryError::Mmap)?;
+        advise(&mapping, config.thp, false);
+        out.push(GuestRegionMmap::new(mapping, GuestAddress(r.gpa)).ok_or(MemoryError::InvalidSize(r.size))?);
+    }
+    let mem = GuestMemoryMmap::from_regions(out).map_err(MemoryError::Layout)?;
+    Ok(Arc::new(mem))
+}
+
 fn create_memfd(size: u64) -> Result<File, MemoryError> {
     // SAFETY: the name is a valid NUL-terminated string; memfd_create has no other inputs.
     let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };

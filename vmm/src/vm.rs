@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use hypervisor::{Hypervisor, Vm as HypervisorVm};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -100,8 +101,18 @@ impl Vm {
     /// Builds a VM from `config`: KVM VM, guest memory and slots, irqchip, devices and vCPUs.
     /// `exit_sink` hears when the guest shuts down, resets or a vCPU fails.
     pub fn new(config: VmConfig, hypervisor: &dyn Hypervisor, exit_sink: ExitSink) -> Result<Self, VmError> {
-        let vm = hypervisor.create_vm().map_err(VmError::Create)?;
         let memory = memory::create_guest_memory(&config.memory).map_err(VmError::Memory)?;
+        Self::with_memory(config, memory, hypervisor, exit_sink)
+    }
+
+    /// Like [`Vm::new`], with guest memory made elsewhere (shared with a migration source, say).
+    pub fn with_memory(
+        config: VmConfig,
+        memory: Arc<GuestMemoryMmap>,
+        hypervisor: &dyn Hypervisor,
+        exit_sink: ExitSink,
+    ) -> Result<Self, VmError> {
+        let vm = hypervisor.create_vm().map_err(VmError::Create)?;
         memory::register_slots(vm.as_ref(), &memory, false).map_err(VmError::Memory)?;
         vm.create_irqchip().map_err(VmError::Hypervisor)?;
         let interrupts = Arc::new(InterruptManager::new(vm.clone()).map_err(VmError::Hypervisor)?);
@@ -228,6 +239,49 @@ impl Vm {
             .map_err(VmError::Vcpu)?;
         self.state = VmState::Paused;
         Ok(())
+    }
+
+    /// Starts recording guest writes: KVM's dirty log on every slot, and a fresh start for the
+    /// write-tracking bitmaps of the VMM's own accesses.
+    pub fn start_dirty_log(&self) -> Result<(), VmError> {
+        for slot in 0..self.memory.num_regions() {
+            self.vm
+                .set_dirty_logging(slot as u32, true)
+                .map_err(VmError::Hypervisor)?;
+        }
+        for region in self.memory.iter() {
+            region.get_mmap().bitmap().reset();
+        }
+        Ok(())
+    }
+
+    /// Stops KVM's dirty logging.
+    pub fn stop_dirty_log(&self) -> Result<(), VmError> {
+        for slot in 0..self.memory.num_regions() {
+            self.vm
+                .set_dirty_logging(slot as u32, false)
+                .map_err(VmError::Hypervisor)?;
+        }
+        Ok(())
+    }
+
+    /// The pages written since the last call (or since logging started), per RAM region: KVM's
+    /// log ORed with the VMM's own writes, one bit per 4 KiB page.
+    pub fn dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let mut words = self
+                    .vm
+                    .get_dirty_log(slot as u32, region.len())
+                    .map_err(VmError::Hypervisor)?;
+                for (w, v) in words.iter_mut().zip(region.get_mmap().bitmap().get_and_reset()) {
+                    *w |= v;
+                }
+                Ok(words)
+            })
+            .collect()
     }
 
     /// Stops the vCPUs for good.

@@ -327,7 +327,7 @@ impl HintEngine {
         if len == 0 {
             return Err(HintReject::Empty);
         }
-        if gpa % BALLOON_PAGE_SIZE != 0 || len % BALLOON_PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(BALLOON_PAGE_SIZE) || !len.is_multiple_of(BALLOON_PAGE_SIZE) {
             return Err(HintReject::Misaligned);
         }
         let ram: u64 = mem.iter().map(|r| r.len()).sum();
@@ -367,6 +367,14 @@ impl HintEngine {
         }
     }
 
+    /// Copy the hint totals into `c`.
+    pub(crate) fn fill_counters(&self, c: &mut super::BalloonCounters) {
+        c.hint_rounds = self.rounds;
+        c.hinted_pages = self.total_pages;
+        c.hint_rejected = self.total_rejected;
+        c.hint_ignored = self.total_ignored;
+    }
+
     /// Plain state for migration.
     pub(crate) fn save(&self) -> HintingState {
         HintingState {
@@ -394,7 +402,9 @@ impl HintEngine {
             pages: s.pages,
             rejected: s.rejected,
             ignored: s.ignored,
-            wait: s.wait_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
+            wait: s
+                .wait_ms
+                .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
             rounds: s.rounds,
             total_pages: s.total_pages,
             total_rejected: s.total_rejected,
@@ -438,13 +448,13 @@ mod tests {
         e.on_hint(&mem, 4 * MIB, 4 * MIB);
         e.on_hint(&mem, 8 * MIB, 4 * MIB);
         for (gpa, len) in [
-            (6 * MIB, 4096),        // overlap
-            (0x1001, 4096),         // misaligned
-            (0, 100),               // misaligned length
-            (0, 0),                 // empty
-            (60 * MIB, 8 * MIB),    // beyond RAM
+            (6 * MIB, 4096),         // overlap
+            (0x1001, 4096),          // misaligned
+            (0, 100),                // misaligned length
+            (0, 0),                  // empty
+            (60 * MIB, 8 * MIB),     // beyond RAM
             (u64::MAX - 4095, 4096), // wraps
-            (0, 1 << 40),           // absurd
+            (0, 1 << 40),            // absurd
         ] {
             e.on_hint(&mem, gpa, len);
         }
@@ -456,7 +466,13 @@ mod tests {
         e.on_hint(&mem, 16 * MIB, 4096);
         e.on_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP);
         assert!(round.wait_stopped(Duration::from_millis(1)));
-        assert_eq!(round.take_ranges(), vec![HintRange { gpa: 16 * MIB, len: 4096 }]);
+        assert_eq!(
+            round.take_ranges(),
+            vec![HintRange {
+                gpa: 16 * MIB,
+                len: 4096
+            }]
+        );
         assert_eq!(round.pages(), 2050);
         let st = e.status();
         assert_eq!((st.state, st.pages), (HintState::Stopped, 2050));

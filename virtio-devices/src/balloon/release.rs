@@ -21,7 +21,8 @@ pub(crate) fn release_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result
     if len == 0 || end.is_none_or(|end| end > region.len()) {
         return Err(BalloonError::BufferOutsideRam { addr: gpa, len });
     }
-    let size = usize::try_from(len).map_err(|_| BalloonError::BufferOutsideRam { addr: gpa, len })?;
+    let size =
+        usize::try_from(len).map_err(|_| BalloonError::BufferOutsideRam { addr: gpa, len })?;
     let host = region
         .get_host_address(MemoryRegionAddress(offset))
         .map_err(|source| BalloonError::GuestMemory { addr: gpa, source })?;
@@ -53,14 +54,18 @@ fn punch_hole(
     len: u64,
 ) -> Result<(), BalloonError> {
     use std::os::unix::io::AsRawFd;
-    let err = |source| BalloonError::PunchHole { addr: gpa, len, source };
+    let err = |source| BalloonError::PunchHole {
+        addr: gpa,
+        len,
+        source,
+    };
     let start = file
         .start()
         .checked_add(offset)
         .and_then(|s| libc::off_t::try_from(s).ok())
         .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
-    let flen =
-        libc::off_t::try_from(len).map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+    let flen = libc::off_t::try_from(len)
+        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
     // SAFETY: fallocate only acts on the file descriptor, which `file` keeps open; punching a
     // hole with KEEP_SIZE frees the backing blocks of pages the guest gave up and leaves the
     // file's size (and so every mapping of it) intact.

@@ -63,7 +63,10 @@ mod tests {
         assert_eq!(a.allocate(0x8000).unwrap(), 0xC000_8000);
         assert_eq!(a.allocate(0x1000).unwrap(), 0xC001_0000);
         assert_eq!(a.allocate(0x1000_0000).unwrap(), 0xD000_0000);
-        assert_eq!(a.allocate(0x1000_0000), Err(PciError::OutOfBarSpace(0x1000_0000)));
+        assert_eq!(
+            a.allocate(0x1000_0000),
+            Err(PciError::OutOfBarSpace(0x1000_0000))
+        );
         assert_eq!(a.allocate(0x3000), Err(PciError::InvalidBarSize(0x3000)));
         let mut b = BarAllocator::new(u64::MAX - 0x1000, 0x2000);
         assert!(b.allocate(0x1000).is_err());

@@ -219,14 +219,16 @@ impl PciBus {
     fn update_mmio(&self, slot: u8, bars: &[PciBarInfo]) {
         let mut mmio = write(&self.mmio);
         mmio.retain(|r| r.slot != slot);
-        mmio.extend(bars.iter().filter(|b| b.kind != PciBarKind::Io && decoded(b)).map(|b| {
-            MmioRange {
-                base: b.addr,
-                size: b.size,
-                slot,
-                bar: b.index,
-            }
-        }));
+        mmio.extend(
+            bars.iter()
+                .filter(|b| b.kind != PciBarKind::Io && decoded(b))
+                .map(|b| MmioRange {
+                    base: b.addr,
+                    size: b.size,
+                    slot,
+                    bar: b.index,
+                }),
+        );
     }
 
     /// Configuration read of bus/device/function/register. Absent functions read all-ones.

@@ -106,8 +106,8 @@ impl PciConfigIo {
 mod tests {
     use super::*;
     use crate::pci::{
-        BarAllocator, PciBarInfo, PciBarKind, PciConfiguration, PciConfigurationParams,
-        PciDevice, PciError,
+        BarAllocator, PciBarInfo, PciBarKind, PciConfiguration, PciConfigurationParams, PciDevice,
+        PciError,
     };
 
     struct Dummy {
@@ -123,7 +123,9 @@ mod tests {
                 class_code: 0xFF,
                 ..Default::default()
             });
-            config.add_bar(0, bar_size, PciBarKind::Memory32, false).unwrap();
+            config
+                .add_bar(0, bar_size, PciBarKind::Memory32, false)
+                .unwrap();
             Dummy {
                 config,
                 mem: vec![0; bar_size as usize],

@@ -148,7 +148,13 @@ impl MsixConfig {
     }
 
     /// The capability structure (12 bytes) for a table and PBA at the given BAR offsets.
-    pub fn capability(&self, table_bar: u8, table_offset: u32, pba_bar: u8, pba_offset: u32) -> [u8; 12] {
+    pub fn capability(
+        &self,
+        table_bar: u8,
+        table_offset: u32,
+        pba_bar: u8,
+        pba_offset: u32,
+    ) -> [u8; 12] {
         let mut cap = [0u8; 12];
         cap[0] = PCI_CAP_ID_MSIX;
         cap[2..4].copy_from_slice(&self.message_control().to_le_bytes());
@@ -234,7 +240,7 @@ impl MsixConfig {
     /// Guest write of the table: aligned dword or qword accesses only.
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
         let len = data.len() as u64;
-        if !(len == 4 || len == 8) || offset % len != 0 {
+        if !(len == 4 || len == 8) || !offset.is_multiple_of(len) {
             debug!("MSI-X: ignoring {len}-byte table write at {offset:#x}");
             return;
         }
@@ -248,7 +254,8 @@ impl MsixConfig {
         let mut bytes = old.bytes();
         let start = (offset % MSIX_ENTRY_SIZE) as usize;
         bytes[start..start + data.len()].copy_from_slice(data);
-        let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
         let new = MsixTableEntry {
             msg_addr_lo: word(0),
             msg_addr_hi: word(4),
@@ -354,7 +361,10 @@ mod tests {
         assert!(MsixConfig::new(0, msi.clone()).is_err());
         let m = MsixConfig::new(4, msi).unwrap();
         assert_eq!(m.message_control(), 3);
-        assert_eq!(m.capability(0, 0x4000, 0, 0x5000)[4..8], 0x4000u32.to_le_bytes());
+        assert_eq!(
+            m.capability(0, 0x4000, 0, 0x5000)[4..8],
+            0x4000u32.to_le_bytes()
+        );
     }
 
     #[test]
@@ -387,7 +397,13 @@ mod tests {
         program(&mut m, 0, 0xFEE0_0000, 0x30);
         assert_eq!(msi.route(0), None, "no route while MSI-X is disabled");
         m.set_message_control(MSIX_CTL_ENABLE);
-        assert_eq!(msi.route(0), Some(MsiMessage { address: 0xFEE0_0000, data: 0x30 }));
+        assert_eq!(
+            msi.route(0),
+            Some(MsiMessage {
+                address: 0xFEE0_0000,
+                data: 0x30
+            })
+        );
         m.write_table(8, &0x31u32.to_le_bytes());
         assert_eq!(msi.route(0).unwrap().data, 0x31);
         m.set_message_control(0);
@@ -413,7 +429,10 @@ mod tests {
         // Function mask.
         program(&mut m, 0, 0xFEE0_0000, 0x41);
         m.set_message_control(MSIX_CTL_ENABLE | MSIX_CTL_FUNCTION_MASK);
-        assert_eq!(m.message_control() & MSIX_CTL_FUNCTION_MASK, MSIX_CTL_FUNCTION_MASK);
+        assert_eq!(
+            m.message_control() & MSIX_CTL_FUNCTION_MASK,
+            MSIX_CTL_FUNCTION_MASK
+        );
         assert_eq!(m.trigger(0).unwrap(), MsixTrigger::Pending);
         assert_eq!(msi.triggered(), vec![1]);
         m.set_message_control(MSIX_CTL_ENABLE);

@@ -71,12 +71,18 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             1 => (v >> 32) as u32,
             _ => 0,
         };
-        put(DEVICE_FEATURE_SELECT, &c.device_feature_select.to_le_bytes());
+        put(
+            DEVICE_FEATURE_SELECT,
+            &c.device_feature_select.to_le_bytes(),
+        );
         put(
             DEVICE_FEATURE,
             &half(self.offered_features, c.device_feature_select).to_le_bytes(),
         );
-        put(DRIVER_FEATURE_SELECT, &c.driver_feature_select.to_le_bytes());
+        put(
+            DRIVER_FEATURE_SELECT,
+            &c.driver_feature_select.to_le_bytes(),
+        );
         put(
             DRIVER_FEATURE,
             &half(c.driver_features, c.driver_feature_select).to_le_bytes(),
@@ -122,9 +128,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             (DRIVER_FEATURE, 4) => self.write_driver_features(v as u32),
             (MSIX_CONFIG, 2) => {
                 let vector = self.checked_vector(v as u16);
-                self.interrupt
-                    .config_vector
-                    .store(vector, Ordering::SeqCst);
+                self.interrupt.config_vector.store(vector, Ordering::SeqCst);
             }
             (DEVICE_STATUS, 1) => self.set_status(v as u8),
             (QUEUE_SELECT, 2) => self.common.queue_select = v as u16,

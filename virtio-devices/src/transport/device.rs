@@ -12,9 +12,8 @@ use super::state::CommonConfigState;
 use super::*;
 use crate::interrupt::{IntxLine, MsiVectors};
 use crate::pci::{
-    merge_bytes_le, MsixConfig, PciBarInfo, PciBarKind, PciConfiguration,
-    PciConfigurationParams, PciDevice, PciError, PciIoEvent, PCI_CAP_ID_VENDOR,
-    PCI_STATUS_INTERRUPT,
+    merge_bytes_le, MsixConfig, PciBarInfo, PciBarKind, PciConfiguration, PciConfigurationParams,
+    PciDevice, PciError, PciIoEvent, PCI_CAP_ID_VENDOR, PCI_STATUS_INTERRUPT,
 };
 use crate::sync::lock;
 use crate::virtio::{SharedQueue, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_ID_BALLOON};
@@ -57,7 +56,16 @@ fn class_of(device_type: u32) -> (u8, u8) {
 }
 
 fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
-    let mut cap = vec![PCI_CAP_ID_VENDOR, 0, (16 + extra.len()) as u8, cfg_type, 0, 0, 0, 0];
+    let mut cap = vec![
+        PCI_CAP_ID_VENDOR,
+        0,
+        (16 + extra.len()) as u8,
+        cfg_type,
+        0,
+        0,
+        0,
+        0,
+    ];
     cap.extend_from_slice(&(offset as u32).to_le_bytes());
     cap.extend_from_slice(&(length as u32).to_le_bytes());
     cap.extend_from_slice(extra);
@@ -98,16 +106,36 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let vectors = (num_queues + 1).min(msi.len()).min(MAX_MSIX_VECTORS);
         let msix = MsixConfig::new(vectors, msi).map_err(VirtioPciError::Pci)?;
         let msix_cap = config
-            .add_capability(&msix.capability(0, MSIX_TABLE_OFFSET as u32, 0, MSIX_PBA_OFFSET as u32))
+            .add_capability(&msix.capability(
+                0,
+                MSIX_TABLE_OFFSET as u32,
+                0,
+                MSIX_PBA_OFFSET as u32,
+            ))
             .map_err(VirtioPciError::Pci)?;
         config.set_wmask_bytes(msix_cap + 3, &[MSIX_CONTROL_WMASK]);
 
         let notify_extra = NOTIFY_OFF_MULTIPLIER.to_le_bytes();
         let caps = [
-            virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_SIZE, &[]),
-            virtio_cap(VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_CFG_OFFSET, NOTIFY_CFG_SIZE, &notify_extra),
+            virtio_cap(
+                VIRTIO_PCI_CAP_COMMON_CFG,
+                COMMON_CFG_OFFSET,
+                COMMON_CFG_SIZE,
+                &[],
+            ),
+            virtio_cap(
+                VIRTIO_PCI_CAP_NOTIFY_CFG,
+                NOTIFY_CFG_OFFSET,
+                NOTIFY_CFG_SIZE,
+                &notify_extra,
+            ),
             virtio_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_CFG_OFFSET, ISR_CFG_SIZE, &[]),
-            virtio_cap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE, &[]),
+            virtio_cap(
+                VIRTIO_PCI_CAP_DEVICE_CFG,
+                DEVICE_CFG_OFFSET,
+                DEVICE_CFG_SIZE,
+                &[],
+            ),
         ];
         for cap in caps {
             config.add_capability(&cap).map_err(VirtioPciError::Pci)?;
@@ -202,7 +230,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         msix.set_message_control(ctl);
         let actual = msix.message_control();
         drop(msix);
-        self.config.write_bytes_raw(self.msix_cap + 2, &actual.to_le_bytes());
+        self.config
+            .write_bytes_raw(self.msix_cap + 2, &actual.to_le_bytes());
     }
 
     /// The BAR access a write or read of the PCI configuration access capability's data
@@ -213,7 +242,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         self.config.read_bytes(cap + 4, &mut bar);
         let offset = u64::from(self.config.read_u32(cap + 8));
         let len = self.config.read_u32(cap + 12) as usize;
-        (bar[0] == 0 && matches!(len, 1 | 2 | 4) && offset % len as u64 == 0).then_some((offset, len))
+        (bar[0] == 0 && matches!(len, 1 | 2 | 4) && offset % len as u64 == 0)
+            .then_some((offset, len))
     }
 
     fn overlaps(reg: usize, offset: u64, len: usize, start: usize, size: usize) -> bool {
@@ -233,9 +263,7 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
             }
         }
         let mut value = self.config.read_reg(reg);
-        if reg == 1
-            && !lock(&self.msix).enabled()
-            && self.interrupt.isr.load(Ordering::SeqCst) != 0
+        if reg == 1 && !lock(&self.msix).enabled() && self.interrupt.isr.load(Ordering::SeqCst) != 0
         {
             value |= u32::from(PCI_STATUS_INTERRUPT) << 16;
         }

@@ -125,11 +125,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 .iter()
                 .map(|v| v.load(Ordering::SeqCst))
                 .collect(),
-            queues: self
-                .queues
-                .iter()
-                .map(|q| lock(q).state().into())
-                .collect(),
+            queues: self.queues.iter().map(|q| lock(q).state().into()).collect(),
             isr: self.interrupt.isr.load(Ordering::SeqCst),
             config_generation: self.interrupt.config_generation.load(Ordering::SeqCst),
             needs_reset: self.interrupt.needs_reset.load(Ordering::SeqCst),
@@ -146,7 +142,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
         let n = self.queues.len();
         if state.queues.len() != n || state.queue_vectors.len() != n {
-            return Err(invalid(format!("{} queues, expected {n}", state.queues.len())));
+            return Err(invalid(format!(
+                "{} queues, expected {n}",
+                state.queues.len()
+            )));
         }
         let num_vectors = lock(&self.msix).num_vectors();
         let vector_ok = |v: u16| v == VIRTIO_MSI_NO_VECTOR || usize::from(v) < num_vectors;
@@ -192,7 +191,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             *lock(shared) = q;
         }
         let irq = &self.interrupt;
-        irq.config_vector.store(state.config_vector, Ordering::SeqCst);
+        irq.config_vector
+            .store(state.config_vector, Ordering::SeqCst);
         for (v, saved) in irq.queue_vectors.iter().zip(&state.queue_vectors) {
             v.store(*saved, Ordering::SeqCst);
         }

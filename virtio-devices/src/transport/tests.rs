@@ -146,7 +146,11 @@ fn negotiate(p: &mut VirtioPciDevice<Dummy>, features: u64) -> u8 {
     w32(p, 0x0C, features as u32);
     w32(p, 0x08, 1);
     w32(p, 0x0C, (features >> 32) as u32);
-    w8(p, 0x14, DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK);
+    w8(
+        p,
+        0x14,
+        DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_FEATURES_OK,
+    );
     r8(p, 0x14)
 }
 
@@ -392,7 +396,11 @@ fn intx_fallback_when_msix_disabled() {
     let irq = p.device().interrupt.clone().unwrap();
     irq.trigger(VirtioInterruptType::Queue(0)).unwrap();
     assert_eq!(*f.intx.count.lock().unwrap(), 1);
-    assert_ne!(p.read_config_register(1) & (1 << 19), 0, "status interrupt bit");
+    assert_ne!(
+        p.read_config_register(1) & (1 << 19),
+        0,
+        "status interrupt bit"
+    );
     assert_eq!(r8(p, 0x1000), VIRTIO_PCI_ISR_QUEUE);
     assert_eq!(p.read_config_register(1) & (1 << 19), 0);
     irq.signal_needs_reset();
@@ -408,7 +416,10 @@ fn device_config_and_pci_cfg_capability() {
     assert_eq!(r32(p, DEVICE_CFG_OFFSET), 0x0807_0000);
     // PCI configuration access capability at 0x40 + 12 + 16 + 20 + 16 + 16 = 0x90.
     let cap = 0x90usize;
-    assert_eq!(p.read_config_register(cap / 4) >> 24, u32::from(VIRTIO_PCI_CAP_PCI_CFG));
+    assert_eq!(
+        p.read_config_register(cap / 4) >> 24,
+        u32::from(VIRTIO_PCI_CAP_PCI_CFG)
+    );
     p.write_config_register(cap / 4 + 2, 0, &0x12u32.to_le_bytes()); // num_queues
     p.write_config_register(cap / 4 + 3, 0, &2u32.to_le_bytes());
     assert_eq!(p.read_config_register(cap / 4 + 4) & 0xFFFF, 3);
@@ -442,11 +453,18 @@ fn state_round_trip() {
     let state: VirtioPciState<DummyState> = serde_json::from_str(&json).unwrap();
 
     let msi = Arc::new(MockMsi::new(8));
-    let intx = || Some((Arc::new(MockIntx::default()) as Arc<dyn crate::IntxLine>, 11));
+    let intx = || {
+        Some((
+            Arc::new(MockIntx::default()) as Arc<dyn crate::IntxLine>,
+            11,
+        ))
+    };
     // A destination built differently (no INTx pin) is refused.
-    let mut other = VirtioPciDevice::new(Dummy::default(), f.mem.clone(), msi.clone(), None).unwrap();
+    let mut other =
+        VirtioPciDevice::new(Dummy::default(), f.mem.clone(), msi.clone(), None).unwrap();
     assert!(other.restore(state.clone()).is_err());
-    let mut dst = VirtioPciDevice::new(Dummy::default(), f.mem.clone(), msi.clone(), intx()).unwrap();
+    let mut dst =
+        VirtioPciDevice::new(Dummy::default(), f.mem.clone(), msi.clone(), intx()).unwrap();
     dst.restore(state.clone()).unwrap();
     assert!(dst.is_activated());
     assert_eq!(dst.device().queues.len(), 1);
@@ -464,7 +482,8 @@ fn state_round_trip() {
     assert!(dst.restore(state.clone()).is_err());
     let mut bad = state.clone();
     bad.queues.pop();
-    let mut fresh = VirtioPciDevice::new(Dummy::default(), f.mem.clone(), msi.clone(), intx()).unwrap();
+    let mut fresh =
+        VirtioPciDevice::new(Dummy::default(), f.mem.clone(), msi.clone(), intx()).unwrap();
     assert!(fresh.restore(bad).is_err());
     let mut bad = state.clone();
     bad.common.driver_features |= 1 << 3;
