@@ -57,9 +57,9 @@ pub enum VirtioDeviceError {
     /// The worker thread could not be started.
     #[error("Failed to spawn the device worker thread")]
     SpawnWorker(#[source] std::io::Error),
-    /// Creating an event or epoll descriptor failed.
-    #[error("Failed to set up device events")]
-    Events(#[source] std::io::Error),
+    /// An enabled queue does not fit in guest memory.
+    #[error("Queue {0} is outside guest memory")]
+    InvalidQueue(u16),
     /// A saved state does not fit this device.
     #[error("Invalid device state: {0}")]
     InvalidState(String),

@@ -85,7 +85,28 @@ fn bsp_main(start_info: u64) -> ! {
 
     // CPUs
     let apic_id = smp::init_bsp_apic();
-    let want = cfg.cpus.or_else(|| smp::acpi_cpu_count(&bi, mapped.end)).unwrap_or(1);
+    let want = if let Some(n) = cfg.cpus {
+        println!("guest: cpus source=cmdline count={}", n);
+        n
+    } else if let Some(n) = smp::acpi_cpu_count(&bi, mapped.end) {
+        println!("guest: cpus source=acpi count={}", n);
+        n
+    } else if let Some(mp) = smp::mp_cpus(&bi) {
+        println!(
+            "guest: cpus source=mptable count={} apic_ids={} bsp_apic_id={} at {:#x}",
+            mp.count,
+            IdList(mp.ids()),
+            mp.bsp_apic_id.map_or(-1, |b| b as i32),
+            mp.pointer
+        );
+        if mp.bsp_apic_id.is_some_and(|b| b as u32 != apic_id) {
+            println!("guest: warning MP table BSP apic id differs from ours ({})", apic_id);
+        }
+        mp.count
+    } else {
+        println!("guest: cpus source=none count=1");
+        1
+    };
     let cpus = smp::start_aps(&bi, want);
 
     // workload
@@ -164,7 +185,7 @@ fn main_loop(cfg: &Config, w: &workload::Workload, buddy: &mut guest_core::buddy
                     seq, first_gpa, failed, workload::MAX_REPORTED, us
                 );
             }
-            if seq == 1 || seq % 64 == 0 {
+            if seq == 1 || seq.is_multiple_of(64) {
                 println!("guest: verify_us={} hot_gen={}", us, workload::HOT_GEN.load(Ordering::Relaxed));
             }
             next = t0 + period;
@@ -173,6 +194,17 @@ fn main_loop(cfg: &Config, w: &workload::Workload, buddy: &mut guest_core::buddy
             }
         }
         kernel::pause();
+    }
+}
+
+/// Comma-separated APIC ids for a serial line.
+struct IdList<'a>(&'a [u8]);
+impl core::fmt::Display for IdList<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, id) in self.0.iter().enumerate() {
+            write!(f, "{}{}", if i == 0 { "" } else { "," }, id)?;
+        }
+        Ok(())
     }
 }
 
@@ -250,6 +282,9 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 // ---- no libc: the compiler may emit calls to these ----
 
 /// memcpy
+///
+/// # Safety
+/// The usual C contract: valid pointers for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
     core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") d => _, inout("rsi") s => _,
@@ -258,6 +293,9 @@ pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
 }
 
 /// memmove
+///
+/// # Safety
+/// The usual C contract: valid pointers for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
     if n == 0 || (d as usize) <= (s as usize) || (d as usize) >= (s as usize + n) {
@@ -269,6 +307,9 @@ pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 
 }
 
 /// memset
+///
+/// # Safety
+/// The usual C contract: valid pointers for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
     core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") d => _, in("al") c as u8,
@@ -277,6 +318,9 @@ pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
 }
 
 /// memcmp
+///
+/// # Safety
+/// The usual C contract: valid pointers for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
@@ -291,6 +335,9 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 }
 
 /// bcmp
+///
+/// # Safety
+/// The usual C contract: valid pointers for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     memcmp(a, b, n)

@@ -2,7 +2,8 @@
 //!
 //! The BSP switches its local APIC to x2APIC mode when CPUID offers it (MSRs through the CPL0
 //! service), else uses xAPIC MMIO at 0xFEE00000 from CPL3. The number of vCPUs comes from the
-//! `cpus=` command line key, else from the ACPI MADT. APs are started with INIT-SIPI-SIPI
+//! `cpus=` command line key, else from the ACPI MADT, else from an Intel MP Specification 1.4
+//! table (what a VMM without ACPI provides). APs are started with INIT-SIPI-SIPI
 //! (shorthand "all excluding self") into the real-mode trampoline at `TRAMP_BASE`; if they do
 //! not all arrive within a second, `guest: ap start failed` is printed and the guest runs on
 //! the CPUs it has.
@@ -114,6 +115,27 @@ pub fn acpi_cpu_count(bi: &BootInfo, mapped_end: u64) -> Option<u32> {
         return Some(n);
     }
     None
+}
+
+/// Enabled processors from an MP Specification table (None without one). Only low memory
+/// (first MiB) and RAM are read.
+pub fn mp_cpus(bi: &BootInfo) -> Option<guest_core::mptable::MpCpus> {
+    let read = |a: u64| -> Option<u8> {
+        if a < 0x10_0000 || bi.is_ram(a, a + 1) {
+            // SAFETY: the first GiB is identity-mapped; RAM anywhere is mapped; read-only access.
+            Some(unsafe { core::ptr::read_volatile(a as *const u8) })
+        } else {
+            None
+        }
+    };
+    match guest_core::mptable::find(&read) {
+        Ok(c) => Some(c),
+        Err(guest_core::mptable::MpError::NotFound) => None,
+        Err(guest_core::mptable::MpError::BadTable(t)) => {
+            println!("guest: warning bad MP configuration table at {:#x}", t);
+            None
+        }
+    }
 }
 
 /// Starts the APs so that `want` vCPUs run in total. Returns the number of running vCPUs.

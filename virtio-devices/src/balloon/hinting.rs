@@ -309,7 +309,7 @@ impl HintEngine {
         }
         match self.validate(mem, gpa, len) {
             Ok(end) => {
-                self.seen.insert(gpa, end);
+                self.remember(gpa, end);
                 let pages = len >> BALLOON_PAGE_SHIFT;
                 self.pending.push(HintRange { gpa, len });
                 self.pending_pages += pages;
@@ -321,6 +321,22 @@ impl HintEngine {
                 self.reject(1);
             }
         }
+    }
+
+    /// Record `[gpa, end)` as hinted, merging it with touching neighbours so that a round of
+    /// contiguous hints keeps the map small.
+    fn remember(&mut self, gpa: u64, end: u64) {
+        let mut start = gpa;
+        let mut end = end;
+        if let Some((&prev_start, &prev_end)) = self.seen.range(..gpa).next_back() {
+            if prev_end == gpa {
+                start = prev_start;
+            }
+        }
+        if let Some(next_end) = self.seen.remove(&end) {
+            end = next_end;
+        }
+        self.seen.insert(start, end);
     }
 
     fn validate(&self, mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<u64, HintReject> {
@@ -480,6 +496,21 @@ mod tests {
         assert_eq!(e.status().ignored, 3, "after STOP");
         e.done();
         assert_eq!(e.status().state, HintState::Done);
+    }
+
+    #[test]
+    fn touching_ranges_are_merged() {
+        let mem = guest_memory(64 << 20);
+        let mut e = HintEngine::default();
+        let (id, _round) = e.start_round();
+        e.on_cmd_id(id);
+        for block in [8, 0, 4, 12] {
+            e.on_hint(&mem, block * MIB, 4 * MIB);
+        }
+        assert_eq!(e.seen.len(), 1);
+        assert_eq!(e.seen.get(&0), Some(&(16 * MIB)));
+        e.on_hint(&mem, 15 * MIB, 4096);
+        assert_eq!(e.status().rejected, 1, "overlap with the merged range");
     }
 
     #[test]

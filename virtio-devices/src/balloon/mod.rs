@@ -168,12 +168,6 @@ pub enum BalloonError {
         #[source]
         source: std::io::Error,
     },
-    /// A virtqueue operation failed.
-    #[error("Virtqueue error")]
-    Queue(#[source] virtio_queue::Error),
-    /// Raising an interrupt failed.
-    #[error("Failed to raise an interrupt")]
-    Interrupt(#[source] crate::interrupt::InterruptError),
     /// The driver did not negotiate free page hinting.
     #[error("The guest driver did not negotiate free page hinting")]
     HintingNotNegotiated,
@@ -183,7 +177,4 @@ pub enum BalloonError {
     /// The target does not fit the 32-bit page count.
     #[error("Balloon target of {0} bytes is too large")]
     TargetTooLarge(u64),
-    /// Starting the worker thread failed.
-    #[error("Failed to start the balloon worker")]
-    Spawn(#[source] std::io::Error),
 }

@@ -988,21 +988,96 @@ fn state_round_trip() {
 }
 
 #[test]
-fn balloon_behind_virtio_pci() {
-    use crate::pci::PciDevice;
+fn balloon_end_to_end_through_the_pci_bus() {
+    use crate::pci::{BarAllocator, PciBus, PciConfigIo, PciDevice, SharedPciDevice};
     use crate::test_utils::MockMsi;
     use crate::transport::VirtioPciDevice;
+
     let mem = guest_memory(64 << 20);
     let balloon = Balloon::new(&all_features()).unwrap();
     let handle = balloon.handle();
-    let mut pci =
-        VirtioPciDevice::new(balloon, mem.clone(), Arc::new(MockMsi::new(8)), None).unwrap();
-    assert_eq!(pci.read_config_register(0), 0x1045_1AF4);
-    let mut n = [0u8; 2];
-    pci.read_bar(0, 0x12, &mut n);
-    assert_eq!(u16::from_le_bytes(n), 5);
-    handle.resize(MIB).unwrap();
-    let mut cfg = [0u8; 4];
-    pci.read_bar(0, 0x2000, &mut cfg);
-    assert_eq!(u32::from_le_bytes(cfg), 256);
+    let pci = VirtioPciDevice::new(balloon, mem.clone(), Arc::new(MockMsi::new(8)), None).unwrap();
+    let pci = Arc::new(Mutex::new(pci));
+    let bus = Arc::new(PciBus::new());
+    let mut alloc = BarAllocator::default();
+    let shared: SharedPciDevice = pci.clone();
+    let slot = bus.add_device(shared, &mut alloc).unwrap();
+    let io = PciConfigIo::new(bus.clone());
+    io.write(0, &(0x8000_0000u32 | u32::from(slot) << 11).to_le_bytes());
+    let mut id = [0u8; 4];
+    io.read(4, &mut id);
+    assert_eq!(u32::from_le_bytes(id), 0x1045_1AF4);
+    io.write(0, &(0x8000_0010u32 | u32::from(slot) << 11).to_le_bytes());
+    io.read(4, &mut id);
+    let base = u64::from(u32::from_le_bytes(id) & !0xF);
+    assert_eq!(base, 0xC000_0000);
+
+    let w = |off: u64, data: &[u8]| assert!(bus.mmio_write(base + off, data));
+    let r16 = |off: u64| {
+        let mut b = [0u8; 2];
+        assert!(bus.mmio_read(base + off, &mut b));
+        u16::from_le_bytes(b)
+    };
+    assert_eq!(r16(0x12), 5);
+    // Driver initialisation: VERSION_1 and inflate/deflate only.
+    w(0x14, &[1]);
+    w(0x14, &[3]);
+    w(0x08, &1u32.to_le_bytes());
+    w(0x0C, &1u32.to_le_bytes());
+    w(0x14, &[11]);
+    assert_eq!(r16(0x14) & 0xFF, 11);
+    let mut tqs = Vec::new();
+    for q in 0..2u16 {
+        let tq = TestQueue::new(&mem, 0x10_0000 + u64::from(q) * 0x1_0000, 64);
+        w(0x16, &q.to_le_bytes());
+        w(0x18, &64u16.to_le_bytes());
+        w(0x20, &tq.desc.to_le_bytes());
+        w(0x28, &tq.avail.to_le_bytes());
+        w(0x30, &tq.used.to_le_bytes());
+        w(0x1C, &1u16.to_le_bytes());
+        tqs.push(tq);
+    }
+    w(0x14, &[15]);
+    assert!(pci.lock().unwrap().is_activated());
+    let fds = pci.lock().unwrap().ioeventfds();
+    assert_eq!(fds[0].addr, base + 0x3000);
+    assert_eq!(handle.hint_mode(), None);
+
+    let wait_used = |tq: &TestQueue, n: u16| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tq.used_idx() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        tq.used_idx()
+    };
+    mem.write_slice(&pfn_bytes(&[4096, 4097]), GuestAddress(BUF))
+        .unwrap();
+    tqs[0].add_chain(&[(BUF, 8, false)]);
+    // As KVM would: the ioeventfd fires.
+    fds[0].event.write(1).unwrap();
+    assert_eq!(wait_used(&tqs[0], 1), 1);
+    // A notify that comes as an MMIO exit.
+    tqs[1].add_chain(&[(BUF, 8, false)]);
+    w(0x3004, &1u16.to_le_bytes());
+    assert_eq!(wait_used(&tqs[1], 1), 1);
+    let c = handle.counters();
+    assert_eq!((c.inflated_pages, c.deflated_pages), (2, 2));
+
+    // Migration state of the whole function, restored into a fresh one.
+    pci.lock().unwrap().pause();
+    let state = pci.lock().unwrap().state();
+    let json = serde_json::to_string(&state).unwrap();
+    let mut dst = VirtioPciDevice::new(
+        Balloon::new(&all_features()).unwrap(),
+        mem.clone(),
+        Arc::new(MockMsi::new(8)),
+        None,
+    )
+    .unwrap();
+    dst.restore(serde_json::from_str(&json).unwrap()).unwrap();
+    assert!(dst.is_activated());
+    assert_eq!(dst.device().handle().counters(), c);
+    // Reset by the driver stops the worker.
+    w(0x14, &[0]);
+    assert!(!pci.lock().unwrap().is_activated());
 }

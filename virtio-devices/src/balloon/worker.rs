@@ -28,6 +28,9 @@ const CONTROL_TOKEN: u64 = u64::MAX;
 const CHUNK: usize = 4096;
 /// The statistics buffer is small; anything beyond this is ignored.
 const MAX_STATS_BYTES: usize = 4096;
+/// Longest PFN array or range array accepted in one descriptor (256 Ki PFNs, 64 Ki ranges);
+/// longer buffers are malformed (Linux sends at most 1 KiB of PFNs per buffer).
+const MAX_ARRAY_BYTES: u32 = 1 << 20;
 
 /// One descriptor of a chain.
 #[derive(Clone, Copy, Debug)]
@@ -300,7 +303,7 @@ impl BalloonWorker {
         let mut t = PfnTally::default();
         let mut runs = PfnRuns::default();
         for d in descs {
-            if d.write || d.len % 4 != 0 {
+            if d.write || d.len % 4 != 0 || d.len > MAX_ARRAY_BYTES {
                 t.malformed += 1;
                 continue;
             }
@@ -383,10 +386,12 @@ impl BalloonWorker {
                 malformed += 1;
                 continue;
             }
-            let res = for_each_chunk(self.mem.as_ref(), d, |bytes| {
-                let room = MAX_STATS_BYTES.saturating_sub(buf.len());
-                buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
-            });
+            let room = MAX_STATS_BYTES.saturating_sub(buf.len());
+            let d = Desc {
+                len: d.len.min(room as u32),
+                ..*d
+            };
+            let res = for_each_chunk(self.mem.as_ref(), &d, |bytes| buf.extend_from_slice(bytes));
             if res.is_err() {
                 malformed += 1;
             }
@@ -429,7 +434,7 @@ impl BalloonWorker {
                     Ok(id) => hints.on_cmd_id(u32::from_le(id)),
                     Err(_) => hints.reject(1),
                 }
-            } else if ranges_mode && d.len > 0 && d.len % 16 == 0 {
+            } else if ranges_mode && d.len > 0 && d.len % 16 == 0 && d.len <= MAX_ARRAY_BYTES {
                 if !hints.receiving() {
                     hints.ignore(u64::from(d.len / 16));
                     continue;

@@ -300,9 +300,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 continue;
             }
             if !q.is_valid(self.mem.as_ref()) {
-                return Err(crate::virtio::VirtioDeviceError::MissingQueue(
-                    "queue outside guest memory",
-                ));
+                return Err(crate::virtio::VirtioDeviceError::InvalidQueue(i as u16));
             }
             q.set_event_idx(negotiated & (1 << VIRTIO_F_RING_EVENT_IDX) != 0);
             queues.push(VirtioQueue {

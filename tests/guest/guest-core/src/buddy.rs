@@ -187,7 +187,7 @@ impl<'a> Buddy<'a> {
                     None => Some((pfn, pages)),
                 };
                 i += pages as usize;
-            } else if i % 8 == 0 && i + 8 <= n && self.state[i..i + 8].iter().all(|&b| b == 0) {
+            } else if i.is_multiple_of(8) && i + 8 <= n && self.state[i..i + 8].iter().all(|&b| b == 0) {
                 i += 8; // fast skip over allocated / reserved memory
             } else {
                 i += 1;

@@ -108,7 +108,7 @@ impl Config {
     /// Parses `cmdline`; `warn(key, value)` is called for each known key with a bad value.
     pub fn parse_with(cmdline: &str, mut warn: impl FnMut(&str, &str)) -> Config {
         let mut c = Config::default();
-        for word in cmdline.split(|ch: char| ch == ' ' || ch == '\t' || ch == '\n' || ch == '\0') {
+        for word in cmdline.split([' ', '\t', '\n', '\0']) {
             let Some((key, val)) = word.split_once('=') else { continue };
             let mib = |v: &str| parse_num(v).filter(|&n| n <= 1 << 24);
             let ok = match key {
@@ -117,20 +117,22 @@ impl Config {
                 "hot" => mib(val).map(|n| c.hot_mib = n),
                 "fragment" => mib(val).map(|n| c.fragment_mib = n),
                 "hint" => match val {
-                    "stock" => Some(c.hint = HintMode::Stock),
-                    "none" => Some(c.hint = HintMode::None),
-                    "ranges" => Some(c.hint = HintMode::Ranges),
+                    "stock" => Some(HintMode::Stock),
+                    "none" => Some(HintMode::None),
+                    "ranges" => Some(HintMode::Ranges),
                     _ => None,
-                },
+                }
+                .map(|h| c.hint = h),
                 "pci_ecam" => parse_hex(val).filter(|a| a % 4096 == 0).map(|a| c.pci_ecam = Some(a)),
                 "cpus" => parse_num(val).filter(|&n| (1..=64).contains(&n)).map(|n| c.cpus = Some(n as u32)),
                 "selftest" => match val {
-                    "fault" => Some(c.selftest = SelfTest::Fault),
-                    "corrupt" => Some(c.selftest = SelfTest::Corrupt),
-                    "irq" => Some(c.selftest = SelfTest::Irq),
-                    "none" => Some(c.selftest = SelfTest::None),
+                    "fault" => Some(SelfTest::Fault),
+                    "corrupt" => Some(SelfTest::Corrupt),
+                    "irq" => Some(SelfTest::Irq),
+                    "none" => Some(SelfTest::None),
                     _ => None,
-                },
+                }
+                .map(|t| c.selftest = t),
                 "verify_ms" => parse_num(val).map(|n| c.verify_ms = n.clamp(10, 1000)),
                 _ => Some(()),
             };

@@ -6,13 +6,15 @@
 //! * [`buddy`]: the page allocator (free lists per order 0..=10, split and coalesce),
 //! * [`cmdline`]: the `key=value` command line parser,
 //! * [`pattern`]: the self-describing page pattern used to detect lost, stale or zero pages,
-//! * [`fmt`]: a tiny fixed-buffer formatter for serial lines.
+//! * [`fmt`]: a tiny fixed-buffer formatter for serial lines,
+//! * [`mptable`]: the Intel MP Specification 1.4 table parser (CPUs without ACPI).
 #![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
 
 pub mod buddy;
 pub mod cmdline;
 pub mod fmt;
+pub mod mptable;
 pub mod pattern;
 
 /// Size of a base page (the unit of the allocator and of balloon PFNs).

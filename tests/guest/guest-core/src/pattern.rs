@@ -105,8 +105,8 @@ mod tests {
         assert!(a[2..].iter().zip(&b[2..]).all(|(x, y)| x != y));
         fill(&mut b, 0x2000, 2);
         assert!(a[2..].iter().zip(&b[2..]).all(|(x, y)| x != y));
-        for i in 0..WORDS {
-            assert_eq!(a[i], word(0x2000, 1, seed(0x2000, 1), i));
+        for (i, &w) in a.iter().enumerate() {
+            assert_eq!(w, word(0x2000, 1, seed(0x2000, 1), i));
         }
     }
 }

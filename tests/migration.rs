@@ -1,0 +1,168 @@
+//! End to end: live migration of the test guest between two VMM processes, with the guest's
+//! own verification of every live page as the judge of integrity.
+
+mod common;
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{Vmm, field};
+
+const READY: Duration = Duration::from_secs(60);
+
+/// Starts receive-migration on `dst` in a thread, then send-migration on `src`; returns both.
+fn migrate(src: &Vmm, dst: &Vmm, receiver_url: &str, send_args: &str) -> (Output, Output) {
+    let dst_api = dst.api.clone();
+    let url = receiver_url.to_string();
+    let receiver = std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &url]));
+    // Wait until the destination listens.
+    if let Some(path) = receiver_url.strip_prefix("unix:") {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::path::Path::new(path).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    } else {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let sent = src.remote(&["send-migration", send_args]);
+    let received = receiver.join().expect("receiver thread");
+    (sent, received)
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "send-migration failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the report is JSON")
+}
+
+/// Boots a source guest and a waiting destination.
+fn pair(tag: &str, memory: &str, cmdline: &str, extra: &[&str]) -> (Vmm, Vmm) {
+    let src = Vmm::boot(&format!("{tag}-src"), memory, cmdline, extra);
+    src.wait_line("guest: ready", READY);
+    src.wait_seq_above(0, READY);
+    let dst = Vmm::waiting(&format!("{tag}-dst"));
+    (src, dst)
+}
+
+/// After a migration: the source exited 0, the guest verifies with a higher seq, no failure.
+fn check_moved(mut src: Vmm, mut dst: Vmm) {
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), 0, "the source VMM exits after migrating");
+    let before = src.last_seq().unwrap_or(0);
+    let after = src.wait_seq_above(before, Duration::from_secs(20));
+    assert!(after > before);
+    assert!(!src.serial_text().contains("FAILED"));
+    let info = dst.remote(&["info"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info JSON");
+    assert_eq!(info["state"], "Running");
+    assert!(dst.remote(&["shutdown"]).status.success());
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn unix_without_hints_skips_zero_pages() {
+    let (src, dst) = pair("mig-unix", "1G", "used=64 hot=4 dirty=256", &[]);
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, received) = migrate(&src, &dst, &url, &format!("destination_url={url},free_page_hints=off"));
+    let r = report(&sent);
+    assert!(received.status.success(), "{}", String::from_utf8_lossy(&received.stderr));
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["memory_bytes"], 1u64 << 30);
+    assert_eq!(r["hints"]["used"], false);
+    let sent_bytes = r["bytes_sent"].as_u64().unwrap();
+    let zero = r["zero_pages_skipped"].as_u64().unwrap();
+    assert!(sent_bytes >= (64 + 256) << 20, "live and dirtied data must be sent: {sent_bytes}");
+    assert!(zero > 100_000, "most of the untouched 1 GiB is zero pages: {zero}");
+    assert!(r["wire_bytes"].as_u64().unwrap() > sent_bytes);
+    check_moved(src, dst);
+}
+
+#[test]
+fn tcp_with_zero_pages_sent_too() {
+    let (src, dst) = pair("mig-tcp", "1G", "used=64 hot=4", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("tcp:127.0.0.1:{port}");
+    let (sent, received) = migrate(&src, &dst, &url, &format!("destination_url={url},zero_pages=off"));
+    let r = report(&sent);
+    assert!(received.status.success());
+    assert_eq!(r["zero_pages_skipped"], 0);
+    assert!(r["bytes_sent"].as_u64().unwrap() >= 1 << 30, "all of RAM is sent");
+    check_moved(src, dst);
+}
+
+#[test]
+fn hot_pages_written_during_migration_arrive_with_two_vcpus() {
+    let (src, dst) = pair("mig-hot", "2G", "used=128 hot=64 dirty=512", &["--cpus", "boot=2"]);
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(&src, &dst, &url, &format!("destination_url={url},downtime_ms=50"));
+    let r = report(&sent);
+    assert!(r["rounds"].as_u64().unwrap() >= 2, "a hot guest needs dirty rounds: {r}");
+    check_moved(src, dst);
+}
+
+#[test]
+fn local_mode_hands_memory_over() {
+    let (src, dst) = pair("mig-local", "1G,shared=on", "used=64 hot=4", &[]);
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(&src, &dst, &url, &format!("destination_url={url},local=on"));
+    let r = report(&sent);
+    assert_eq!(r["bytes_sent"], 0, "local mode copies no memory: {r}");
+    check_moved(src, dst);
+}
+
+#[test]
+fn destination_killed_during_round_zero_leaves_the_source_running() {
+    let (mut src, mut dst) = pair("mig-kill", "4G", "used=64 dirty=2048", &[]);
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let dst_api = dst.api.clone();
+    let u = url.clone();
+    let receiver = std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &u]));
+    std::thread::sleep(Duration::from_millis(300));
+    let src_api = src.api.clone();
+    let args = format!("destination_url={url},zero_pages=off,free_page_hints=off");
+    let sender = std::thread::spawn(move || common::ch_remote(&src_api, &["send-migration", &args]));
+    // Round 0 of 4 GiB takes seconds here: kill the destination in the middle of it.
+    std::thread::sleep(Duration::from_millis(1500));
+    dst.child.kill().unwrap();
+    let _ = dst.child.wait();
+    let sent = sender.join().unwrap();
+    let _ = receiver.join();
+    assert!(!sent.status.success(), "send-migration must fail when the destination dies");
+    let err = String::from_utf8_lossy(&sent.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    assert!(src.running(), "the source VMM keeps running");
+    let seq = src.last_seq().unwrap_or(0);
+    src.wait_seq_above(seq + 1, Duration::from_secs(20));
+    let info = src.remote(&["info"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["state"], "Running");
+    assert!(src.remote(&["shutdown"]).status.success());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn garbage_to_a_receiving_vmm_is_refused_cleanly() {
+    use std::io::Write;
+    let mut dst = Vmm::waiting("mig-garbage");
+    let path = dst.scratch.path("mig.sock");
+    let url = format!("unix:{}", path.display());
+    let dst_api = dst.api.clone();
+    let receiver = std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &url]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut conn = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let _ = conn.write_all(b"GET / HTTP/1.1\r\nHost: nonsense\r\n\r\n and more garbage bytes");
+    let received = receiver.join().unwrap();
+    assert!(!received.status.success());
+    let err = String::from_utf8_lossy(&received.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("migration"), "{err}");
+    // The VMM is still there and can take another migration.
+    assert!(dst.running());
+    assert!(dst.remote(&["ping"]).status.success());
+    let _ = field("", "");
+}
