@@ -9,7 +9,7 @@ use hypervisor::{Hypervisor, KvmHypervisor};
 use thiserror::Error;
 
 use crate::api::{self, ApiError, ApiRequest, ApiResult};
-use crate::config::VmConfig;
+use crate::config::{HintAction, VmConfig};
 use crate::migration;
 use crate::vcpu::VcpuExitEvent;
 use crate::vm::{Vm, VmError, VmState};
@@ -171,6 +171,14 @@ impl Vmm {
         }
     }
 
+    fn balloon(&self) -> Result<&virtio_devices::BalloonHandle, ApiError> {
+        self.vm
+            .as_ref()
+            .ok_or_else(no_vm)?
+            .balloon()
+            .ok_or_else(|| ApiError::InvalidState("the VM has no balloon (--balloon)".into()))
+    }
+
     fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
         self.vm.as_mut().ok_or_else(no_vm)
     }
@@ -225,10 +233,28 @@ impl Vmm {
                 self.teardown();
                 Ok(None)
             }
-            ApiRequest::VmResize(_) => Err(ApiError::Unsupported("vm.resize without a balloon".into())),
+            ApiRequest::VmResize(data) => {
+                let vm = self.vm.as_ref().ok_or_else(no_vm)?;
+                let Some(size) = data.desired_balloon else {
+                    return Err(ApiError::Unsupported("resizing anything but the balloon".into()));
+                };
+                let balloon = vm
+                    .balloon()
+                    .ok_or_else(|| ApiError::InvalidState("the VM has no balloon (--balloon)".into()))?;
+                if size >= vm.config().memory.size {
+                    return Err(ApiError::BadRequest(format!(
+                        "desired_balloon {size} must be smaller than the VM's memory ({})",
+                        vm.config().memory.size
+                    )));
+                }
+                balloon.resize(size).map_err(|e| ApiError::internal("cannot resize the balloon", e))?;
+                Ok(None)
+            }
             ApiRequest::VmSendMigration(data) => {
                 let vm = self.vm.as_mut().ok_or_else(no_vm)?;
-                let report = migration::send::send_migration(vm, &data, None)
+                let hinter = vm.free_page_hinter();
+                let hinter = hinter.as_ref().map(|h| h as &dyn migration::hints::FreePageHinter);
+                let report = migration::send::send_migration(vm, &data, hinter)
                     .map_err(|e| ApiError::internal("migration failed", e))?;
                 log::info!("migration completed: {report:?}");
                 // The guest runs on the destination now: this VMM is done.
@@ -247,8 +273,24 @@ impl Vmm {
                 self.exit_with_vm = true;
                 Ok(None)
             }
-            ApiRequest::VmBalloonHintsGet | ApiRequest::VmBalloonHintsPut(_) => {
-                Err(ApiError::Unsupported("vm.balloon-hints without a balloon".into()))
+            ApiRequest::VmBalloonHintsGet => {
+                let balloon = self.balloon()?;
+                serde_json::to_value(balloon.hint_status())
+                    .map(Some)
+                    .map_err(|e| ApiError::internal("cannot encode the hint status", e))
+            }
+            ApiRequest::VmBalloonHintsPut(action) => {
+                let balloon = self.balloon()?;
+                let result = match action.action {
+                    HintAction::Start => balloon.start_hint_round().map(|round| {
+                        // Outside a migration the hints are only counted, as Firecracker does.
+                        drop(round);
+                    }),
+                    HintAction::Stop => balloon.stop_hint_round(),
+                    HintAction::Done => balloon.hint_done(),
+                };
+                result.map_err(|e| ApiError::InvalidState(crate::api::error_chain(&e)))?;
+                Ok(None)
             }
         }
     }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use hypervisor::{IrqRoute, Vm, VmError};
+use virtio_devices::{InterruptError, IntxLine, MsiMessage, MsiVectors};
+use vmm_sys_util::eventfd::EventFd;
 
 /// GSIs below this are legacy interrupt lines (24 IOAPIC pins).
 pub const NUM_LEGACY_GSIS: u32 = 24;
@@ -87,6 +89,79 @@ impl InterruptManager {
     /// The VM the routes belong to.
     pub fn vm(&self) -> &Arc<dyn Vm> {
         &self.vm
+    }
+}
+
+/// A device's MSI vectors: consecutive GSIs, each with an irqfd, routed as the guest programs
+/// the device's MSI-X table.
+pub struct MsiVectorGroup {
+    manager: Arc<InterruptManager>,
+    base_gsi: u32,
+    irqfds: Vec<EventFd>,
+}
+
+impl MsiVectorGroup {
+    /// Allocates `count` vectors.
+    pub fn new(manager: Arc<InterruptManager>, count: u32) -> Result<Self, VmError> {
+        let base_gsi = manager
+            .allocate_gsis(count)
+            .ok_or_else(|| VmError::GsiRouting(std::io::Error::from_raw_os_error(libc::ENOSPC)))?;
+        let mut irqfds = Vec::new();
+        for i in 0..count {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Irqfd { gsi: base_gsi + i, source: e })?;
+            manager.vm().register_irqfd(&fd, base_gsi + i)?;
+            irqfds.push(fd);
+        }
+        Ok(MsiVectorGroup {
+            manager,
+            base_gsi,
+            irqfds,
+        })
+    }
+}
+
+fn vector_error(vector: u16) -> InterruptError {
+    InterruptError::InvalidVector(vector)
+}
+
+impl MsiVectors for MsiVectorGroup {
+    fn len(&self) -> usize {
+        self.irqfds.len()
+    }
+
+    fn set_route(&self, vector: u16, msg: Option<MsiMessage>) -> Result<(), InterruptError> {
+        if usize::from(vector) >= self.irqfds.len() {
+            return Err(vector_error(vector));
+        }
+        self.manager
+            .set_msi_route(self.base_gsi + u32::from(vector), msg.map(|m| (m.address, m.data)))
+            .map_err(|e| InterruptError::Route {
+                vector,
+                source: std::io::Error::other(crate::api::error_chain(&e)),
+            })
+    }
+
+    fn trigger(&self, vector: u16) -> Result<(), InterruptError> {
+        let fd = self.irqfds.get(usize::from(vector)).ok_or_else(|| vector_error(vector))?;
+        fd.write(1).map_err(InterruptError::Signal)
+    }
+}
+
+/// A legacy interrupt line raised through an irqfd.
+pub struct IrqfdLine(pub EventFd);
+
+impl IrqfdLine {
+    /// An irqfd on `gsi`.
+    pub fn new(vm: &dyn Vm, gsi: u32) -> Result<Self, VmError> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Irqfd { gsi, source: e })?;
+        vm.register_irqfd(&fd, gsi)?;
+        Ok(IrqfdLine(fd))
+    }
+}
+
+impl IntxLine for IrqfdLine {
+    fn trigger(&self) -> Result<(), InterruptError> {
+        self.0.write(1).map_err(InterruptError::Signal)
     }
 }
 

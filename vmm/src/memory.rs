@@ -14,7 +14,7 @@ use crate::layout::{MEM_32BIT_GAP_START, RAM_64BIT_START};
 
 /// Guest memory with a write-tracking bitmap: writes the VMM makes through vm-memory are
 /// recorded, so migration sees them alongside KVM's dirty log.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub type GuestMemoryMmap = virtio_devices::GuestMemoryMmap;
 
 /// Errors from setting up guest RAM.
 #[derive(Debug, Error)]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use hypervisor::{Hypervisor, Vm as HypervisorVm};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use serde::{Deserialize, Serialize};
+use virtio_devices::{BalloonState, VirtioPciState};
 use thiserror::Error;
 
 use crate::boot::{self, regs, BootError};
@@ -43,12 +44,19 @@ pub enum VmError {
     /// vCPU control failed.
     #[error("vCPU control failed")]
     Vcpu(#[source] VcpuError),
+    /// A device's saved state does not fit this VM.
+    #[error("cannot restore device state: {0}")]
+    DeviceState(String),
     /// A snapshot for a different number of vCPUs.
     #[error("snapshot has {0} vCPUs, this VM {1}")]
     SnapshotMismatch(usize, usize),
     /// The request does not fit the VM's state.
     #[error("VM is {0:?}")]
     InvalidState(VmState),
+}
+
+fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Where a VM is in its life.
@@ -72,6 +80,9 @@ pub struct VmSnapshot {
     pub vm: hypervisor::VmState,
     /// One entry per vCPU, in id order.
     pub vcpus: Vec<hypervisor::VcpuState>,
+    /// The virtio-balloon's PCI function and device state, if the VM has one.
+    #[serde(default)]
+    pub balloon: Option<VirtioPciState<BalloonState>>,
 }
 
 /// What the VM reports about itself for `vm.info`.
@@ -119,6 +130,8 @@ impl Vm {
         let reset_sink = exit_sink.clone();
         let devices = DeviceManager::new(
             &vm,
+            &interrupts,
+            &memory,
             &config,
             Box::new(move |e| match e {
                 LegacyEvent::Reset => reset_sink(VcpuExitEvent::Reset),
@@ -199,6 +212,9 @@ impl Vm {
             return Err(VmError::InvalidState(self.state));
         }
         self.vcpus.pause().map_err(VmError::Vcpu)?;
+        if let Some(b) = &self.devices.balloon {
+            lock(&b.pci).pause();
+        }
         self.state = VmState::Paused;
         Ok(())
     }
@@ -207,6 +223,9 @@ impl Vm {
     pub fn resume(&mut self) -> Result<(), VmError> {
         if self.state != VmState::Paused {
             return Err(VmError::InvalidState(self.state));
+        }
+        if let Some(b) = &self.devices.balloon {
+            lock(&b.pci).resume();
         }
         self.vcpus.resume();
         self.state = VmState::Running;
@@ -220,7 +239,8 @@ impl Vm {
         }
         let vcpus = self.vcpus.states().map_err(VmError::Vcpu)?;
         let vm = self.vm.state().map_err(VmError::Hypervisor)?;
-        Ok(VmSnapshot { vm, vcpus })
+        let balloon = self.devices.balloon.as_ref().map(|b| lock(&b.pci).state());
+        Ok(VmSnapshot { vm, vcpus, balloon })
     }
 
     /// Loads a snapshot into a VM that was built but never booted, and starts its vCPUs paused:
@@ -231,6 +251,27 @@ impl Vm {
         }
         if snapshot.vcpus.len() != self.vcpus.count() {
             return Err(VmError::SnapshotMismatch(snapshot.vcpus.len(), self.vcpus.count()));
+        }
+        match (&self.devices.balloon, &snapshot.balloon) {
+            (Some(dev), Some(state)) => {
+                lock(&dev.pci).restore(state.clone()).map_err(|e| VmError::DeviceState(e.to_string()))?;
+                self.devices
+                    .pci
+                    .register_ioevents(dev.slot)
+                    .map_err(|e| VmError::Devices(crate::devices::DeviceError::Pci(e)))?;
+                // The source's hint round ends here: the driver may give its blocks back.
+                use virtio_devices::HintState;
+                if matches!(
+                    state.device.hinting.state,
+                    HintState::Requested | HintState::Receiving | HintState::Stopped
+                ) {
+                    if let Err(e) = dev.handle.hint_done() {
+                        log::warn!("cannot tell the balloon driver DONE: {e}");
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => return Err(VmError::DeviceState("balloon present on one side only".into())),
         }
         self.vm.set_state(&snapshot.vm).map_err(VmError::Hypervisor)?;
         self.vcpus.restore(&snapshot.vcpus).map_err(VmError::Vcpu)?;
@@ -295,12 +336,36 @@ impl Vm {
         VmInfo {
             state: self.state,
             config: &self.config,
-            memory_actual_size: self.config.memory.size,
+            memory_actual_size: self
+                .config
+                .memory
+                .size
+                .saturating_sub(self.balloon().map_or(0, |b| b.actual_bytes())),
         }
+    }
+
+    /// The balloon, if the VM has one.
+    pub fn balloon(&self) -> Option<&virtio_devices::BalloonHandle> {
+        self.devices.balloon.as_ref().map(|b| &b.handle)
+    }
+
+    /// Free page hints for migration, when the VM has a balloon.
+    pub fn free_page_hinter(&self) -> Option<crate::devices::balloon::BalloonHinter> {
+        self.devices.balloon.as_ref().map(|b| b.hinter())
     }
 
     /// What `vm.counters` reports.
     pub fn counters(&self) -> serde_json::Value {
-        serde_json::json!({})
+        let mut out = serde_json::Map::new();
+        if let Some(b) = self.balloon() {
+            let mut entry = serde_json::to_value(b.counters()).unwrap_or_default();
+            if let Some(map) = entry.as_object_mut() {
+                map.insert("actual_pages".into(), b.actual_pages().into());
+                map.insert("target_pages".into(), b.target_pages().into());
+                map.insert("stats".into(), serde_json::to_value(b.stats()).unwrap_or_default());
+            }
+            out.insert("balloon".into(), entry);
+        }
+        serde_json::Value::Object(out)
     }
 }

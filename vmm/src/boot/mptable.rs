@@ -23,6 +23,11 @@ const IOAPIC_VERSION: u8 = 0x11;
 const CPU_ENABLED: u8 = 1;
 const CPU_BOOTSTRAP: u8 = 2;
 const ISA_IRQS: u8 = 16;
+const PCI_BUS: u8 = 0;
+const ISA_BUS: u8 = 1;
+const PCI_SLOTS: u8 = 32;
+/// Polarity active low (3), trigger level (3 << 2).
+const PCI_IRQ_FLAGS: u16 = 0x0f;
 
 /// Appends little-endian fields to a growing table.
 #[derive(Default)]
@@ -78,8 +83,9 @@ pub fn build(base: u64, num_cpus: u8) -> Result<Vec<u8>, MptableError> {
             .u32(0);
         count += 1;
     }
-    entries.u8(1).u8(0).bytes(b"ISA   "); // bus 0: ISA
-    entries.u8(1).u8(1).bytes(b"PCI   "); // bus 1: PCI
+    // Bus ids follow PCI numbering: PCI bus 0 is MP bus 0; ISA gets the next id.
+    entries.u8(1).u8(PCI_BUS).bytes(b"PCI   ");
+    entries.u8(1).u8(ISA_BUS).bytes(b"ISA   ");
     count += 2;
     entries
         .u8(2) // IOAPIC entry
@@ -90,7 +96,14 @@ pub fn build(base: u64, num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     count += 1;
     for irq in 0..ISA_IRQS {
         // ISA IRQ n goes to IOAPIC pin n (the timer's override to pin 2 is the guest's to make).
-        entries.u8(3).u8(0).u16(0).u8(0).u8(irq).u8(ioapic_id).u8(irq);
+        entries.u8(3).u8(0).u16(0).u8(ISA_BUS).u8(irq).u8(ioapic_id).u8(irq);
+        count += 1;
+    }
+    for slot in 1..PCI_SLOTS {
+        // INTA# of each PCI slot: level triggered, active low, on IOAPIC pin 16 + slot % 8.
+        let source = slot << 2;
+        let pin = 16 + slot % 8;
+        entries.u8(3).u8(0).u16(PCI_IRQ_FLAGS).u8(PCI_BUS).u8(source).u8(ioapic_id).u8(pin);
         count += 1;
     }
     // LINT0 = ExtINT (the PIC), LINT1 = NMI, on every local APIC.
@@ -159,7 +172,7 @@ mod tests {
             assert_eq!(len, table.len());
             assert_eq!(sum(table), 0, "table checksum");
             let count = u16::from_le_bytes([table[34], table[35]]);
-            assert_eq!(count as usize, cpus as usize + 2 + 1 + 16 + 2);
+            assert_eq!(count as usize, cpus as usize + 2 + 1 + 16 + 31 + 2);
             // The first entry is the bootstrap processor.
             assert_eq!(table[44], 0);
             assert_eq!(table[44 + 3], CPU_ENABLED | CPU_BOOTSTRAP);

@@ -1,8 +1,10 @@
 //! The VM's devices: legacy PC ports, the serial port, and the buses that route guest accesses
 //! to them.
 
+pub mod balloon;
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod serial;
 
 use std::sync::{Arc, Mutex};
@@ -11,10 +13,14 @@ use hypervisor::Vm;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use self::balloon::BalloonDevice;
 use self::bus::{Bus, BusError};
+use self::pci::{PciSegment, PciSetupError};
 use self::legacy::{Cmos, LegacyEvent, Sink, I8042};
 use self::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::config::VmConfig;
+use crate::interrupts::InterruptManager;
+use crate::memory::GuestMemoryMmap;
 
 /// Errors from creating devices.
 #[derive(Debug, Error)]
@@ -31,6 +37,12 @@ pub enum DeviceError {
     /// Wiring an interrupt failed.
     #[error("cannot wire a device interrupt")]
     Irq(#[source] hypervisor::VmError),
+    /// A PCI device could not be added.
+    #[error("cannot set up a PCI device")]
+    Pci(#[source] PciSetupError),
+    /// The balloon could not be created.
+    #[error("cannot create the virtio-balloon")]
+    Balloon(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The VM's devices and the buses the vCPUs dispatch to.
@@ -39,6 +51,10 @@ pub struct DeviceManager {
     pub pio: Arc<Bus>,
     /// MMIO bus.
     pub mmio: Arc<Bus>,
+    /// PCI bus 0.
+    pub pci: Arc<PciSegment>,
+    /// The virtio-balloon, if configured.
+    pub balloon: Option<BalloonDevice>,
     _serial_irq: Option<EventFd>,
 }
 
@@ -47,6 +63,8 @@ impl DeviceManager {
     /// the guest pulses the i8042 reset line.
     pub fn new(
         vm: &Arc<dyn Vm>,
+        interrupts: &Arc<InterruptManager>,
+        memory: &Arc<GuestMemoryMmap>,
         config: &VmConfig,
         on_reset: Box<dyn Fn(LegacyEvent) + Send>,
     ) -> Result<Self, DeviceError> {
@@ -69,9 +87,28 @@ impl DeviceManager {
             }
             None => None,
         };
+        let pci = Arc::new(PciSegment::new(vm.clone()));
+        pio.insert(
+            Arc::new(Mutex::new(pci.config_io())),
+            u64::from(virtio_devices::PCI_CONFIG_IO_PORT),
+            u64::from(virtio_devices::PCI_CONFIG_IO_PORT_SIZE),
+        )
+        .map_err(DeviceError::Bus)?;
+        mmio.insert(
+            Arc::new(Mutex::new(pci.mmio_window())),
+            virtio_devices::MMIO32_WINDOW_START,
+            virtio_devices::MMIO32_WINDOW_SIZE,
+        )
+        .map_err(DeviceError::Bus)?;
+        let balloon = match &config.balloon {
+            Some(b) => Some(BalloonDevice::new(vm, interrupts, memory, &pci, b)?),
+            None => None,
+        };
         Ok(DeviceManager {
             pio,
             mmio,
+            pci,
+            balloon,
             _serial_irq: serial_irq,
         })
     }

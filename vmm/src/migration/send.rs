@@ -5,7 +5,6 @@
 //! computed before the request. Every later round is a dirty-log sync, which includes any
 //! hinted page the guest wrote after hinting it.
 
-use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use vm_migration::protocol::{self, Command};
@@ -16,7 +15,7 @@ use vm_migration::{
     Response, ZeroPageFilter,
 };
 
-use super::hints::{FreePageHinter, HintEvent};
+use super::hints::FreePageHinter;
 use super::MigrationError;
 use crate::config::SendMigrationData;
 use crate::memory::GuestMemoryMmap;
@@ -193,7 +192,7 @@ impl Sender<'_, '_> {
     /// Asks the guest for hints and applies them to round 0, waiting at most `wait` for STOP.
     fn collect_hints(&mut self, hinter: &dyn FreePageHinter, round0: &mut HintRound, wait: Duration) -> HintsReport {
         let asked = Instant::now();
-        let session = match hinter.start_round() {
+        let mut session = match hinter.start_round() {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("no free page hints this time: {e}");
@@ -201,7 +200,8 @@ impl Sender<'_, '_> {
             }
         };
         self.hints_held = true;
-        if let Err(e) = round0.request(session.cmd_id) {
+        let cmd_id = session.cmd_id();
+        if let Err(e) = round0.request(cmd_id) {
             log::warn!("free page hint round refused: {e}");
             hinter.stop_round();
             return HintsReport::default();
@@ -209,21 +209,18 @@ impl Sender<'_, '_> {
         let deadline = asked + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match session.events.recv_timeout(left) {
-                Ok(HintEvent::Range { cmd_id, gpa, len }) => {
-                    round0.apply(cmd_id, MemoryRange::new(gpa, len));
-                }
-                Ok(HintEvent::Stop { cmd_id }) => {
-                    if round0.stop(cmd_id) {
-                        break;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    log::info!("the guest did not finish hinting within {wait:?}; going on without the rest");
-                    hinter.stop_round();
-                    break;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
+            let stopped = session.wait_stopped(left.min(Duration::from_millis(2)));
+            for (gpa, len) in session.take_ranges() {
+                round0.apply(cmd_id, MemoryRange::new(gpa, len));
+            }
+            if stopped {
+                round0.stop(cmd_id);
+                break;
+            }
+            if left.is_zero() {
+                log::info!("the guest did not finish hinting within {wait:?}; going on without the rest");
+                hinter.stop_round();
+                break;
             }
         }
         HintsReport::from_stats(hinter.mode(), &round0.stats(), asked.elapsed())

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Tables and charts of migration benchmark rows (scripts/bench-qemu.sh, scripts/bench-migration.sh).
+
+  bench_report.py table <json files...>          one table of all rows (median per row key, n shown)
+  bench_report.py chart <out.png> <json files...> grouped bars: total ms and sent MiB per
+                                                  case / size (/ transport) and vmm / mode
+
+Input files may hold a JSON array of rows, an object with a "rows" (or "runs" / "results") list,
+a single row object, or JSON lines. A row is an object such as
+  {"vmm":"qemu","case":"ended","mem_gib":1,"transport":"unix","mode":"qemu-hints","run":1,
+   "total_ms":812,"downtime_ms":9,"bytes_sent":123456,"dest_rss_bytes":456789,"integrity":"ok"}
+Missing fields print as "-"; unknown fields are ignored. Rows with the same vmm, case, mem_gib,
+transport and mode are one table row: numbers are their median, n is how many runs it has, and
+integrity is "ok" only if every run was ok. "raw MiB/s" is the row's raw_bw_bytes_per_s if any.
+The table needs only the standard library; the chart needs matplotlib (skipped with a message
+if it cannot be imported).
+"""
+import json
+import statistics
+import sys
+
+MIB = 1 << 20
+KEY = ("vmm", "case", "mem_gib", "transport", "mode")
+CASE_ORDER = {"idle": 0, "ended": 1, "hot": 2}
+MODE_ORDER = {"full": 0, "zero": 1, "hints": 2, "ranges": 3, "qemu-nohints": 4, "qemu-hints": 5}
+VMM_ORDER = {"ours": 0, "qemu": 1}
+
+
+def load_rows(paths):
+    rows = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            print("bench_report: cannot read %s: %s" % (path, e), file=sys.stderr)
+            continue
+        data = None
+        try:
+            data = json.loads(text) if text.strip() else []
+        except ValueError:
+            data = []
+            for n, line in enumerate(text.splitlines(), 1):
+                line = line.strip().rstrip(",")
+                if not line or line in "[]":
+                    continue
+                try:
+                    data.append(json.loads(line))
+                except ValueError:
+                    print("bench_report: %s:%d: not JSON, skipped" % (path, n), file=sys.stderr)
+        if isinstance(data, dict):
+            for k in ("rows", "runs", "results"):
+                if isinstance(data.get(k), list):
+                    data = data[k]
+                    break
+            else:
+                data = [data]
+        if not isinstance(data, list):
+            data = []
+        rows.extend(r for r in data if isinstance(r, dict))
+    return rows
+
+
+def num(v):
+    """A float from a number or numeric string; None otherwise (bools are not numbers)."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    try:
+        return float(str(v).strip())
+    except ValueError:
+        return None
+
+
+def median(rows, field, scale=1.0):
+    vals = [num(r.get(field)) for r in rows]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) / scale if vals else None
+
+
+def key_of(r):
+    def norm(k):
+        v = r.get(k)
+        if v is None:
+            return ""
+        if k == "mem_gib" and num(v) is not None:
+            f = num(v)
+            return int(f) if f == int(f) else f
+        return v if isinstance(v, (str, int, float)) else str(v)
+    return tuple(norm(k) for k in KEY)
+
+
+def sort_key(k):
+    vmm, case, mem, transport, mode = k
+    m = num(mem)
+    return (VMM_ORDER.get(vmm, 9), str(vmm), CASE_ORDER.get(case, 9), str(case),
+            m if m is not None else 1e18, str(transport), MODE_ORDER.get(mode, 9), str(mode))
+
+
+def group(rows):
+    groups = {}
+    for r in rows:
+        groups.setdefault(key_of(r), []).append(r)
+    return [(k, groups[k]) for k in sorted(groups, key=sort_key)]
+
+
+def integrity(rows):
+    vals = [str(r.get("integrity", "unknown")) for r in rows]
+    n = len(vals)
+    fails = sum(v.upper() == "FAILED" for v in vals)
+    oks = sum(v == "ok" for v in vals)
+    if fails:
+        return "FAILED" if fails == n else "FAILED %d/%d" % (fails, n)
+    if oks == n:
+        return "ok"
+    return "unknown" if oks == 0 else "ok %d/%d" % (oks, n)
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if digits == 0:
+            return "%.0f" % v
+        return "%.*f" % (digits, v)
+    return str(v)
+
+
+def table(paths):
+    rows = load_rows(paths)
+    if not rows:
+        print("bench_report: no rows in %s" % " ".join(paths), file=sys.stderr)
+        return 1
+    head = ["vmm", "case", "mem GiB", "transport", "mode", "total ms", "downtime ms", "sent MiB",
+            "dest RSS MiB", "raw MiB/s", "integrity", "n"]
+    right = {2, 5, 6, 7, 8, 9, 11}
+    lines = []
+    for k, rs in group(rows):
+        vmm, case, mem, transport, mode = (("-" if v == "" else v) for v in k)
+        dt = median(rs, "downtime_ms")
+        lines.append([
+            str(vmm), str(case), fmt(mem), str(transport), str(mode),
+            fmt(median(rs, "total_ms")),
+            fmt(dt, 1 if dt is not None and dt < 10 else 0),
+            fmt(median(rs, "bytes_sent", MIB)),
+            fmt(median(rs, "dest_rss_bytes", MIB)),
+            fmt(median(rs, "raw_bw_bytes_per_s", MIB)),
+            integrity(rs), str(len(rs)),
+        ])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+
+    def render(cells):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    print(render(head))
+    print("|" + "|".join(("-" * (w + 1) + ":" if i in right else ":" + "-" * (w + 1))
+                         for i, w in enumerate(widths)) + "|")
+    for l in lines:
+        print(render(l))
+    runs = sum(len(rs) for _, rs in group(rows))
+    print("(%d runs; numbers are medians over n runs; sent = bytes_sent)" % runs)
+    return 0
+
+
+def chart(out, paths):
+    rows = load_rows(paths)
+    if not rows:
+        print("bench_report: no rows in %s" % " ".join(paths), file=sys.stderr)
+        return 1
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print("bench_report: matplotlib is not available (%s); no chart written. "
+              "Install it (e.g. apt-get install python3-matplotlib) for %s." % (e, out), file=sys.stderr)
+        return 0
+    grouped = group(rows)
+    transports = {k[3] for k, _ in grouped}
+    xkey = lambda k: (k[1], k[2], k[3]) if len(transports) > 1 else (k[1], k[2])
+    xs, series = [], []
+    for k, _ in grouped:
+        x, s = xkey(k), (k[0], k[4])
+        if x not in xs:
+            xs.append(x)
+        if s not in series:
+            series.append(s)
+    xs.sort(key=lambda x: (CASE_ORDER.get(x[0], 9), str(x[0]), num(x[1]) or 0, x[2:]))
+    series.sort(key=lambda s: (VMM_ORDER.get(s[0], 9), str(s[0]), MODE_ORDER.get(s[1], 9), str(s[1])))
+    values = {(xkey(k), (k[0], k[4])): rs for k, rs in grouped}
+
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(xs) * max(1, len(series)) / 3 + 4), 8),
+                             sharex=True)
+    width = 0.8 / max(1, len(series))
+    for ax, field, scale, label in ((axes[0], "total_ms", 1.0, "total ms"),
+                                    (axes[1], "bytes_sent", MIB, "sent MiB")):
+        for j, s in enumerate(series):
+            hs = []
+            for x in xs:
+                rs = values.get((x, s))
+                v = median(rs, field, scale) if rs else None
+                hs.append(v if v is not None else 0)
+            pos = [i + (j - (len(series) - 1) / 2) * width for i in range(len(xs))]
+            ax.bar(pos, hs, width, label="%s %s" % s)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small", ncol=min(4, len(series)))
+    axes[1].set_xticks(range(len(xs)))
+    axes[1].set_xticklabels(["%s\n%s GiB%s" % (x[0], fmt(x[1]), (" " + x[2]) if len(x) > 2 else "")
+                             for x in xs])
+    axes[0].set_title("Live migration: total time and data sent (median of runs)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print("bench_report: wrote %s" % out, file=sys.stderr)
+    return 0
+
+
+def main(argv):
+    if len(argv) >= 2 and argv[0] == "table":
+        return table(argv[1:])
+    if len(argv) >= 3 and argv[0] == "chart":
+        return chart(argv[1], argv[2:])
+    print(__doc__.strip(), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+//! The virtio-balloon on the PCI bus, and the free page hints it gives migration.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hypervisor::Vm;
+use virtio_devices::{Balloon, BalloonHandle, HintRound, MsiVectors, VirtioPciDevice};
+use vm_migration::HintMode;
+
+use super::pci::PciSegment;
+use super::DeviceError;
+use crate::config::BalloonConfig;
+use crate::interrupts::{InterruptManager, IrqfdLine, MsiVectorGroup};
+use crate::memory::GuestMemoryMmap;
+use crate::migration::hints::{FreePageHinter, HintSource};
+
+/// MSI-X vectors for the balloon: configuration changes plus up to five queues.
+const BALLOON_MSI_VECTORS: u32 = 6;
+/// How often the device asks the guest for fresh statistics.
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The balloon's PCI function and the handle the VMM drives it through.
+pub struct BalloonDevice {
+    /// The virtio-pci function.
+    pub pci: Arc<Mutex<VirtioPciDevice<Balloon>>>,
+    /// Resize, hint rounds, counters.
+    pub handle: BalloonHandle,
+    /// Its PCI slot.
+    pub slot: u8,
+}
+
+/// The GSI of a PCI slot's INTA# line (the MP table wires it the same way).
+pub fn intx_gsi(slot: u8) -> u32 {
+    16 + u32::from(slot % 8)
+}
+
+impl BalloonDevice {
+    /// Creates the balloon and puts it on the PCI bus.
+    pub fn new(
+        vm: &Arc<dyn Vm>,
+        interrupts: &Arc<InterruptManager>,
+        memory: &Arc<GuestMemoryMmap>,
+        segment: &PciSegment,
+        config: &BalloonConfig,
+    ) -> Result<Self, DeviceError> {
+        let balloon = Balloon::new(&virtio_devices::BalloonConfig {
+            size: config.size,
+            deflate_on_oom: config.deflate_on_oom,
+            free_page_reporting: config.free_page_reporting,
+            free_page_hinting: config.free_page_hinting,
+            statistics: config.statistics,
+            stats_interval: config.statistics.then_some(STATS_INTERVAL),
+        })
+        .map_err(|e| DeviceError::Balloon(Box::new(e)))?;
+        let handle = balloon.handle();
+        let msi: Arc<dyn MsiVectors> =
+            Arc::new(MsiVectorGroup::new(interrupts.clone(), BALLOON_MSI_VECTORS).map_err(DeviceError::Irq)?);
+        let slot = segment.next_slot();
+        let gsi = intx_gsi(slot);
+        let intx = IrqfdLine::new(vm.as_ref(), gsi).map_err(DeviceError::Irq)?;
+        let pci = VirtioPciDevice::new(balloon, memory.clone(), msi, Some((Arc::new(intx), gsi as u8)))
+            .map_err(|e| DeviceError::Balloon(Box::new(e)))?;
+        let pci = Arc::new(Mutex::new(pci));
+        segment.add_device_at(slot, pci.clone()).map_err(DeviceError::Pci)?;
+        Ok(BalloonDevice { pci, handle, slot })
+    }
+
+    /// The free page hinter for migration.
+    pub fn hinter(&self) -> BalloonHinter {
+        BalloonHinter(self.handle.clone())
+    }
+}
+
+/// Free page hints from the balloon.
+pub struct BalloonHinter(pub BalloonHandle);
+
+struct BalloonHintRound(HintRound);
+
+impl HintSource for BalloonHintRound {
+    fn cmd_id(&self) -> u32 {
+        self.0.cmd_id()
+    }
+
+    fn take_ranges(&mut self) -> Vec<(u64, u64)> {
+        self.0.take_ranges().into_iter().map(|r| (r.gpa, r.len)).collect()
+    }
+
+    fn wait_stopped(&self, timeout: Duration) -> bool {
+        self.0.wait_stopped(timeout)
+    }
+}
+
+impl FreePageHinter for BalloonHinter {
+    fn mode(&self) -> HintMode {
+        match self.0.hint_mode() {
+            Some(virtio_devices::HintMode::Stock) => HintMode::Stock,
+            Some(virtio_devices::HintMode::Ranges) => HintMode::Ranges,
+            None => HintMode::None,
+        }
+    }
+
+    fn start_round(&self) -> Result<Box<dyn HintSource>, String> {
+        self.0
+            .start_hint_round()
+            .map(|r| Box::new(BalloonHintRound(r)) as Box<dyn HintSource>)
+            .map_err(|e| crate::api::error_chain(&e))
+    }
+
+    fn stop_round(&self) {
+        if let Err(e) = self.0.stop_hint_round() {
+            log::warn!("cannot stop the hint round: {e}");
+        }
+    }
+
+    fn done(&self) {
+        if let Err(e) = self.0.hint_done() {
+            log::warn!("cannot end the hint round: {e}");
+        }
+    }
+}
