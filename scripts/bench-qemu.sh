@@ -24,7 +24,8 @@
 #   --qemu BIN             (default qemu-system-x86_64)
 #   --keep-logs            keep the per-run directories (serial logs, QEMU output) under $TMPDIR
 #   --no-table             do not print the table at the end
-# Environment: BENCH_MIGRATE_TIMEOUT_S (default 120 + 30 per GiB), BENCH_VERIFY_WAIT_S (default 10).
+# Environment: BENCH_MIGRATE_TIMEOUT_S (default 120 + 30 per GiB), BENCH_VERIFY_WAIT_S (default 10),
+# BENCH_GUEST_EXTRA (appended to the guest command line, e.g. "selftest=corrupt" to see a FAILED row).
 #
 # Each row (one JSON object in the array of --out):
 #   {"vmm":"qemu","case":..,"mem_gib":..,"transport":..,"mode":..,"run":..,"total_ms":..,
@@ -33,7 +34,11 @@
 # dest_rss_bytes is Rss from /proc/<dest pid>/smaps_rollup (the whole QEMU process) once the
 # destination has verified; dest_guest_rss_bytes is the Rss of the guest RAM mapping alone.
 # Extra fields: status, setup_ms, rounds, normal_bytes, zero_pages, mbps, src_last_seq,
-# dst_seq, cpus, cmdline, qemu, date. Only one QEMU pair runs at a time; both are always killed.
+# dst_seq, cpus, cmdline, qemu, host_thp, date. QEMU's downtime limit stays at its default (300 ms).
+# Times vary a lot from run to run on a shared 2-core machine (seen: 0.2-1.2 GB/s for the same
+# row; the spinning guest, QEMU's migration thread and the destination's first touch of fresh
+# memory share two cores): use --runs 3 or more and read the medians.
+# Only one QEMU pair runs at a time; both are always killed (also on Ctrl-C).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -80,6 +85,7 @@ if [[ -z $guest ]]; then
 fi
 [[ -f $guest ]] || die "guest ELF $guest not found"
 qemu_version=$("$qemu" --version | head -n1 | sed 's/^QEMU emulator version //')
+thp=$(sed -n 's/.*\[\(.*\)\].*/\1/p' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || true)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/bench-qemu.XXXXXX")
 src_pid="" dst_pid=""
@@ -153,7 +159,7 @@ elif what == "cmd":
     print(json.dumps(Qmp(path).cmd(sys.argv[3], args)))
 elif what == "migrate":
     uri, limit = sys.argv[3], float(sys.argv[4])
-    q = Qmp(path)
+    q = Qmp(path, 120.0)  # QMP does not answer while the VM is stopped for the switch-over
     # 1 TiB/s: effectively no cap (QEMU's default is 32 MiB/s)
     q.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 40})
     q.cmd("migrate", {"uri": uri})
@@ -203,12 +209,20 @@ run_one() {
         ended) cmdline+=" dirty=$dirty" ;;
         hot) cmdline+=" dirty=$dirty hot=64" ;;
     esac
-    cmdline+=" pci_ecam=0xe0000000"
+    cmdline+=" pci_ecam=0xe0000000${BENCH_GUEST_EXTRA:+ $BENCH_GUEST_EXTRA}"
     local common=(-enable-kvm -cpu host,-arch-capabilities -M microvm,pcie=on -m "${mib}M" -smp "$cpus"
         -nodefaults -no-user-config -no-reboot -device isa-debug-exit
         -object iothread,id=io1
         -device "virtio-balloon-pci,free-page-hint=$hint,iothread=io1,disable-legacy=on"
         -kernel "$guest" -append "$cmdline")
+    # ended/hot: source and destination each end up holding most of the guest's RAM
+    local need_mib=$((2 * mib + 1024)) avail_mib
+    if [[ $case == idle ]]; then need_mib=2048; fi
+    avail_mib=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
+    if ((avail_mib < need_mib)); then
+        echo "bench-qemu: skipped $case ${gib}G $transport $mode run $run: needs ~${need_mib} MiB, ${avail_mib} MiB available" >&2
+        return
+    fi
     local uri
     if [[ $transport == unix ]]; then uri="unix:$d/mig.sock"; else uri="tcp:127.0.0.1:$(free_port)"; fi
 
@@ -225,7 +239,9 @@ run_one() {
     if ! grep -aq "guest: ready" "$d/src.log" 2>/dev/null; then
         echo "bench-qemu: source not ready ($case ${gib}G $mode): $(tail -n3 "$d/src.log" "$d/src.out" 2>/dev/null | tr '\n' ' ')" >&2
         stop_pair
-        write_row "$d" "$gib" "$case" "$transport" "$mode" "$run" "$cmdline" '{"status":"not-ready"}' 0 0 null null "unknown"
+        local integ=unknown
+        if bad_lines "$d/src.log" | grep -q .; then integ=FAILED; fi
+        write_row "$d" "$gib" "$case" "$transport" "$mode" "$run" "$cmdline" '{"status":"not-ready"}' 0 0 null null "$integ"
         return
     fi
     # the destination, listening
@@ -270,9 +286,9 @@ run_one() {
 
 # write_row DIR GIB CASE TRANSPORT MODE RUN CMDLINE QUERY_MIGRATE_JSON SRC_SEQ DST_SEQ RSS GUEST_RSS INTEGRITY
 write_row() {
-    python3 - "$out" "$qemu_version" "$cpus" "$@" <<'PY'
+    python3 - "$out" "$qemu_version" "$cpus" "${thp:-unknown}" "$@" <<'PY'
 import json, os, sys, time
-out, qver, cpus, d, gib, case, transport, mode, run, cmdline, st, src_seq, dst_seq, rss, grss, integ = sys.argv[1:]
+out, qver, cpus, thp, d, gib, case, transport, mode, run, cmdline, st, src_seq, dst_seq, rss, grss, integ = sys.argv[1:]
 st = json.loads(st)
 ram = st.get("ram", {})
 num = lambda v: None if v in ("null", "", None) else int(v)
@@ -286,7 +302,7 @@ row = {
     "rounds": ram.get("dirty-sync-count"), "normal_bytes": ram.get("normal-bytes"),
     "zero_pages": ram.get("duplicate"), "mbps": ram.get("mbps"),
     "dest_guest_rss_bytes": num(grss), "src_last_seq": int(src_seq), "dst_seq": int(dst_seq),
-    "cpus": int(cpus), "cmdline": cmdline, "qemu": qver,
+    "cpus": int(cpus), "cmdline": cmdline, "qemu": qver, "host_thp": thp,
     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
 }
 rows = []

@@ -177,6 +177,11 @@ def chart(out, paths):
         print("bench_report: matplotlib is not available (%s); no chart written. "
               "Install it (e.g. apt-get install python3-matplotlib) for %s." % (e, out), file=sys.stderr)
         return 0
+    rows = [r for r in rows if r.get("case") is not None and r.get("mode") is not None
+            and (num(r.get("total_ms")) is not None or num(r.get("bytes_sent")) is not None)]
+    if not rows:
+        print("bench_report: no rows with case, mode and numbers to chart", file=sys.stderr)
+        return 1
     grouped = group(rows)
     transports = {k[3] for k, _ in grouped}
     xkey = lambda k: (k[1], k[2], k[3]) if len(transports) > 1 else (k[1], k[2])

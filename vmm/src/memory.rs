@@ -127,6 +127,14 @@ fn advise<B: vm_memory::bitmap::Bitmap>(mapping: &MmapRegion<B>, thp: bool, pref
     }
 }
 
+/// Advises transparent huge pages on all of guest RAM (after a migration has filled it: a
+/// receiver that faulted in huge pages while data streamed in would stall on compaction).
+pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        advise(&region.get_mmap(), true, false);
+    }
+}
+
 /// Registers every RAM region as a KVM memory slot (slot i = region i).
 pub fn register_slots(vm: &dyn Vm, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {

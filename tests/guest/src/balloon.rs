@@ -224,7 +224,11 @@ impl Balloon {
             if cmd != self.last_cmd {
                 self.last_cmd = cmd;
                 match cmd {
-                    CMD_DONE => self.release_held(b),
+                    CMD_DONE => {
+                        let n = self.held.len();
+                        self.release_held(b);
+                        println!("guest: hint done released_blocks={}", n);
+                    }
                     CMD_STOP => {}
                     id => match self.hint {
                         HintMode::Ranges => self.ranges_round(id, b),

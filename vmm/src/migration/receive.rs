@@ -123,6 +123,9 @@ impl Receiver<'_> {
             }
             Command::Complete => {
                 let vm = self.vm.as_mut().ok_or(MigrationError::Unexpected("Complete before State"))?;
+                if vm.config().memory.thp {
+                    memory::advise_huge_pages(vm.memory());
+                }
                 vm.resume().map_err(MigrationError::Vm)?;
                 Ok(Next::Done)
             }
@@ -141,7 +144,15 @@ impl Receiver<'_> {
     fn build_vm(&mut self, config: VmConfig, mem: Option<Arc<memory::GuestMemoryMmap>>) -> Result<(), MigrationError> {
         let vm = match mem {
             Some(mem) => Vm::with_memory(config, mem, self.hypervisor, self.exit_sink.clone()),
-            None => Vm::new(config, self.hypervisor, self.exit_sink.clone()),
+            None => {
+                // Fill RAM with 4 KiB pages: huge page faults stall on compaction whenever host
+                // memory is fragmented, which made receiving up to ten times slower here.
+                // Huge pages are advised once the guest's memory has arrived.
+                let receive_config = crate::config::MemoryConfig { thp: false, ..config.memory.clone() };
+                let mem = memory::create_guest_memory(&receive_config)
+                    .map_err(|e| MigrationError::Vm(crate::vm::VmError::Memory(e)))?;
+                Vm::with_memory(config, mem, self.hypervisor, self.exit_sink.clone())
+            }
         }
         .map_err(MigrationError::Vm)?;
         self.ram = Some(RamRegions::from_guest_memory(vm.memory().as_ref()).map_err(MigrationError::Ram)?);

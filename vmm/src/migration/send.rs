@@ -251,7 +251,16 @@ impl Sender<'_, '_> {
             }
             None => table,
         };
+        let filtered = started.elapsed();
         let sent = send_memory(memory, &table, &mut self.stream).map_err(MigrationError::Memory)?;
+        let written = started.elapsed();
+        log::debug!(
+            "round {}: {} ranges, zero scan {:?}, write {:?}",
+            self.report.rounds + 1,
+            table.len(),
+            filtered,
+            written - filtered
+        );
         Response::read_from(&mut self.stream)
             .and_then(Response::into_result)
             .map_err(MigrationError::Protocol)?;
