@@ -14,6 +14,9 @@ use crate::migration;
 use crate::vcpu::VcpuExitEvent;
 use crate::vm::{Vm, VmError, VmState};
 
+/// How long a hint round started through the API waits for the driver's STOP.
+const API_HINT_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+
 /// Errors that end the VMM.
 #[derive(Debug, Error)]
 pub enum VmmError {
@@ -281,16 +284,27 @@ impl Vmm {
             }
             ApiRequest::VmBalloonHintsPut(action) => {
                 let balloon = self.balloon()?;
-                let result = match action.action {
-                    HintAction::Start => balloon.start_hint_round().map(|round| {
+                let err = |e: virtio_devices::BalloonError| ApiError::InvalidState(crate::api::error_chain(&e));
+                match action.action {
+                    HintAction::Start => {
                         // Outside a migration the hints are only counted, as Firecracker does.
-                        drop(round);
-                    }),
-                    HintAction::Stop => balloon.stop_hint_round(),
-                    HintAction::Done => balloon.hint_done(),
-                };
-                result.map_err(|e| ApiError::InvalidState(crate::api::error_chain(&e)))?;
-                Ok(None)
+                        // The round ends at the driver's STOP or after the same wait a
+                        // migration allows, so a driver that never answers cannot hang it.
+                        let round = balloon.start_hint_round().map_err(err)?;
+                        let stopped = round.wait_stopped(API_HINT_WAIT);
+                        if !stopped {
+                            balloon.stop_hint_round().map_err(err)?;
+                        }
+                        let mut body = serde_json::to_value(balloon.hint_status())
+                            .map_err(|e| ApiError::internal("cannot encode the hint status", e))?;
+                        if let Some(map) = body.as_object_mut() {
+                            map.insert("timed_out".into(), (!stopped).into());
+                        }
+                        Ok(Some(body))
+                    }
+                    HintAction::Stop => balloon.stop_hint_round().map(|_| None).map_err(err),
+                    HintAction::Done => balloon.hint_done().map(|_| None).map_err(err),
+                }
             }
         }
     }

@@ -430,7 +430,8 @@ impl BalloonHandle {
     pub fn stop_hint_round(&self) -> Result<(), BalloonError> {
         self.hinting_ready()?;
         {
-            let _hints = lock(&self.shared.hints);
+            let mut hints = lock(&self.shared.hints);
+            hints.stop_by_device();
             self.shared
                 .cmd_id
                 .store(FREE_PAGE_HINT_CMD_ID_STOP, Ordering::SeqCst);

@@ -244,6 +244,16 @@ impl HintEngine {
         }
     }
 
+    /// The device ended the round itself (STOP written to config, e.g. on a time limit): the
+    /// round is over, and anything the driver still sends for it is ignored.
+    pub(crate) fn stop_by_device(&mut self) {
+        if matches!(self.state, HintState::Requested | HintState::Receiving) {
+            self.state = HintState::Stopped;
+            self.wait = self.requested_at.map(|t| t.elapsed());
+            self.finish_round(false);
+        }
+    }
+
     /// Device reset: back to idle, the round (if any) is abandoned.
     pub(crate) fn reset(&mut self) {
         self.finish_round(false);
