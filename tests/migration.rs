@@ -166,3 +166,96 @@ fn garbage_to_a_receiving_vmm_is_refused_cleanly() {
     assert!(dst.remote(&["ping"]).status.success());
     let _ = field("", "");
 }
+
+const BALLOON: &str = "--balloon";
+const HINTING: &str = "size=0,free_page_hinting=on";
+
+#[test]
+fn hints_leave_the_freed_memory_out_of_round_zero() {
+    let (src, dst) = pair("mig-hints", "2G", "used=128 dirty=1536", &[BALLOON, HINTING]);
+    let ready = src.wait_line("guest: ready", READY);
+    let free = field(&ready, "free_pages").unwrap();
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(&src, &dst, &url, &url);
+    let r = report(&sent);
+    assert_eq!(r["hints"]["used"], true, "{r}");
+    assert_eq!(r["hints"]["mode"], "stock");
+    assert_eq!(r["hints"]["rejected"], 0);
+    let skipped = r["hints"]["pages_skipped"].as_u64().unwrap();
+    assert!(skipped * 10 >= free * 9, "skipped {skipped} of {free} free pages: {r}");
+    let bytes = r["bytes_sent"].as_u64().unwrap();
+    assert!(bytes < (128 + 64) << 20, "only about the live data is sent: {bytes}");
+    check_moved_with_done(src, dst);
+}
+
+/// Like `check_moved`, and the destination's balloon told the driver DONE.
+fn check_moved_with_done(src: Vmm, dst: Vmm) {
+    let line = src.wait_line("guest: hint done", Duration::from_secs(20));
+    assert!(field(&line, "released_blocks").unwrap_or(0) > 0, "{line}");
+    check_moved(src, dst);
+}
+
+#[test]
+fn pages_written_after_their_hint_arrive() {
+    // hot pages are rewritten all along, also the ones hinted free and then allocated again.
+    let (src, dst) = pair("mig-hints-hot", "2G", "used=128 hot=64 dirty=1024", &[BALLOON, HINTING, "--cpus", "boot=2"]);
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(&src, &dst, &url, &format!("destination_url={url},downtime_ms=50"));
+    let r = report(&sent);
+    assert_eq!(r["hints"]["used"], true);
+    assert!(r["rounds"].as_u64().unwrap() >= 2);
+    check_moved(src, dst);
+}
+
+#[test]
+fn ranges_protocol_hints_every_free_page() {
+    let (src, dst) = pair("mig-ranges", "2G", "used=128 dirty=1024 fragment=256 hint=ranges", &[BALLOON, HINTING]);
+    let ready = src.wait_line("guest: ready", READY);
+    let free = field(&ready, "free_pages").unwrap();
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(&src, &dst, &url, &url);
+    let r = report(&sent);
+    assert_eq!(r["hints"]["mode"], "ranges", "{r}");
+    let skipped = r["hints"]["pages_skipped"].as_u64().unwrap();
+    // Fragmented free memory (64 KiB holes) is hinted too: nearly every free page.
+    assert!(skipped * 100 >= free * 97, "skipped {skipped} of {free} free pages");
+    check_moved(src, dst);
+}
+
+#[test]
+fn a_guest_that_never_hints_is_migrated_after_the_wait() {
+    let (src, dst) = pair("mig-nohint", "1G", "used=64 dirty=256 hint=none", &[BALLOON, HINTING]);
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(&src, &dst, &url, &format!("destination_url={url},hint_wait_ms=300"));
+    let r = report(&sent);
+    assert_eq!(r["hints"]["used"], true);
+    assert_eq!(r["hints"]["pages_hinted"], 0);
+    let wait = r["hints"]["wait_ms"].as_f64().unwrap();
+    assert!((290.0..2000.0).contains(&wait), "waited {wait} ms for a 300 ms limit");
+    assert!(r["bytes_sent"].as_u64().unwrap() >= (64 + 256) << 20);
+    check_moved(src, dst);
+}
+
+#[test]
+fn an_inflated_balloon_stays_inflated() {
+    let (src, dst) = pair("mig-inflated", "2G", "used=64 dirty=512", &[BALLOON, HINTING]);
+    assert!(src.remote(&["resize", "--balloon", "256M"]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c: serde_json::Value = serde_json::from_slice(&src.remote(&["counters"]).stdout).unwrap();
+        if c["balloon"]["actual_pages"] == 65536 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the balloon did not inflate: {c}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(&src, &dst, &url, &url);
+    report(&sent);
+    let info: serde_json::Value = serde_json::from_slice(&dst.remote(&["info"]).stdout).unwrap();
+    assert_eq!(info["memory_actual_size"], (2048u64 - 256) << 20, "{info}");
+    let c: serde_json::Value = serde_json::from_slice(&dst.remote(&["counters"]).stdout).unwrap();
+    assert_eq!(c["balloon"]["actual_pages"], 65536);
+    assert_eq!(c["balloon"]["target_pages"], 65536);
+    check_moved(src, dst);
+}
