@@ -4,6 +4,10 @@
   bench_report.py table <json files...>          one table of all rows (median per row key, n shown)
   bench_report.py chart <out.png> <json files...> grouped bars: total ms and sent MiB per
                                                   case / size (/ transport) and vmm / mode
+  bench_report.py ratios <json files...>         our VMM's ratios per case / size / transport
+                                                  (full/hints, zero/hints, sent and dest RSS vs
+                                                  used memory, total vs raw-bandwidth model,
+                                                  downtime) and PASS/MISS per project target
 
 Input files may hold a JSON array of rows, an object with a "rows" (or "runs" / "results") list,
 a single row object, or JSON lines. A row is an object such as
@@ -222,9 +226,155 @@ def chart(out, paths):
     return 0
 
 
+# The project's targets (measured by scripts/bench-migration.sh, never asserted in a test).
+TARGET_GIB = 8
+HINTED_MODES = ("hints", "ranges")
+
+
+def used_bytes(r):
+    """The guest's live memory in a row: used_mib + hot_mib, or 256 (+ 64 for hot) by case."""
+    used, hot = num(r.get("used_mib")), num(r.get("hot_mib"))
+    if used is None:
+        used = 256.0
+    if hot is None:
+        hot = 64.0 if r.get("case") == "hot" else 0.0
+    return (used + hot) * MIB
+
+
+def model_ratio(r):
+    """total_ms / (bytes_sent / raw bandwidth + hint wait) of one run, or None."""
+    total, sent, bw = num(r.get("total_ms")), num(r.get("bytes_sent")), num(r.get("raw_bw_bytes_per_s"))
+    wait = num(r.get("hint_wait_ms")) or 0.0
+    if total is None or sent is None or not bw:
+        return None
+    model = sent / bw * 1000.0 + wait
+    return total / model if model > 0 else None
+
+
+def med(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def ratios(paths):
+    rows = [r for r in load_rows(paths)
+            if r.get("vmm") == "ours" and (r.get("status") in (None, "completed"))]
+    if not rows:
+        print("bench_report: no completed rows of our VMM (vmm \"ours\") in %s" % " ".join(paths),
+              file=sys.stderr)
+        return 1
+    cells = {}
+    for k, rs in group(rows):
+        _, case, mem, transport, mode = k
+        cells.setdefault((case, mem, transport), {})[mode] = rs
+    xs = sorted(cells, key=lambda x: (CASE_ORDER.get(x[0], 9), str(x[0]),
+                                      num(x[1]) if num(x[1]) is not None else 1e18, str(x[2])))
+
+    def pct(v):
+        return "-" if v is None else "%+.1f%%" % v
+
+    def x(v, d=1):
+        return "-" if v is None else "%.*fx" % (d, v)
+
+    head = ["case", "mem GiB", "transport", "mode", "full/hints time", "zero/hints time",
+            "sent vs used", "total / (bytes/raw + wait)", "dest RSS vs used", "downtime ms", "n"]
+    lines, stats = [], {}
+    for cell in xs:
+        modes = cells[cell]
+        full_t = median(modes.get("full", []), "total_ms")
+        zero_t = median(modes.get("zero", []), "total_ms")
+        for hm in HINTED_MODES:
+            rs = modes.get(hm)
+            if not rs:
+                continue
+            t = median(rs, "total_ms")
+            used = med([used_bytes(r) for r in rs])
+            sent = median(rs, "bytes_sent")
+            rss = median(rs, "dest_rss_bytes")
+            st = {
+                "full_x": full_t / t if full_t is not None and t else None,
+                "zero_x": zero_t / t if zero_t is not None and t else None,
+                "sent_pct": (sent / used - 1) * 100 if sent is not None else None,
+                "model_x": med([model_ratio(r) for r in rs]),
+                "rss_pct": (rss / used - 1) * 100 if rss is not None else None,
+                "downtime": median(rs, "downtime_ms"),
+            }
+            stats[cell + (hm,)] = st
+            dt = st["downtime"]
+            lines.append([str(cell[0]), fmt(cell[1]), str(cell[2]), hm, x(st["full_x"]), x(st["zero_x"], 2),
+                          pct(st["sent_pct"]), x(st["model_x"], 2), pct(st["rss_pct"]),
+                          fmt(dt, 1 if dt is not None and dt < 10 else 0), str(len(rs))])
+    if not lines:
+        print("bench_report: no hints (or ranges) rows to compare against", file=sys.stderr)
+        return 1
+    right = set(range(1, len(head))) - {2, 3}
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+
+    def render(c):
+        return "| " + " | ".join(v.rjust(w) if i in right else v.ljust(w)
+                                 for i, (v, w) in enumerate(zip(c, widths))) + " |"
+
+    print(render(head))
+    print("|" + "|".join(("-" * (w + 1) + ":" if i in right else ":" + "-" * (w + 1))
+                         for i, w in enumerate(widths)) + "|")
+    for l in lines:
+        print(render(l))
+    print("(medians; used = 256 MiB live + hot; sent = bytes_sent of the hints row; model = "
+          "bytes_sent / raw_bw_bytes_per_s + hint_wait_ms, per run)")
+
+    # Targets: `ended` at 8 GiB, per transport and hinted mode; idle downtime at every size.
+    print()
+    print("Targets (measured, not asserted):")
+    checks = (
+        ("sent_pct", "hints bytes_sent <= used + 3%", lambda v: v <= 3.0, pct),
+        ("full_x", "full/hints total time >= 13.5", lambda v: v >= 13.5, x),
+        ("zero_x", "hints faster than zero", lambda v: v > 1.0, lambda v: "zero/hints " + x(v, 2)),
+        ("model_x", "hints total <= 1.5 x (bytes/raw + hint wait)", lambda v: v <= 1.5, lambda v: x(v, 2)),
+        ("rss_pct", "dest RSS <= used + 5%", lambda v: v <= 5.0, pct),
+    )
+    ended = [k for k in stats if k[0] == "ended"]
+    at_target = [k for k in ended if num(k[1]) == TARGET_GIB]
+    note = ""
+    if not at_target and ended:
+        biggest = max(num(k[1]) for k in ended)
+        at_target = [k for k in ended if num(k[1]) == biggest]
+        note = " (indicative: no %d GiB rows, shown at %s GiB)" % (TARGET_GIB, fmt(biggest))
+    if not ended:
+        print("  ended %d GiB: not measured (no ended rows)" % TARGET_GIB)
+    passes = misses = 0
+    for k in sorted(at_target, key=lambda k: (str(k[2]), str(k[3]))):
+        print("  ended %s GiB %s %s%s:" % (fmt(k[1]), k[2], k[3], note))
+        for field, label, ok, show in checks:
+            v = stats[k][field]
+            if v is None:
+                verdict, shown = "n/a ", "not measured"
+            else:
+                good = ok(v)
+                verdict, shown = ("PASS" if good else "MISS"), show(v)
+                passes, misses = passes + good, misses + (not good)
+            print("    %s  %-46s %s" % (verdict, label, shown))
+    idle = sorted((k for k in stats if k[0] == "idle"),
+                  key=lambda k: (num(k[1]) or 0, str(k[2]), str(k[3])))
+    if not idle:
+        print("  idle downtime < 50 ms: not measured (no idle rows)")
+    for k in idle:
+        v = stats[k]["downtime"]
+        if v is None:
+            print("    n/a   idle %s GiB %s %s downtime < 50 ms" % (fmt(k[1]), k[2], k[3]))
+            continue
+        good = v < 50.0
+        passes, misses = passes + good, misses + (not good)
+        print("    %s  %-46s %.1f ms" % ("PASS" if good else "MISS",
+                                         "idle %s GiB %s %s downtime < 50 ms" % (fmt(k[1]), k[2], k[3]), v))
+    print("(%d PASS, %d MISS)" % (passes, misses))
+    return 0
+
+
 def main(argv):
     if len(argv) >= 2 and argv[0] == "table":
         return table(argv[1:])
+    if len(argv) >= 2 and argv[0] == "ratios":
+        return ratios(argv[1:])
     if len(argv) >= 3 and argv[0] == "chart":
         return chart(argv[1], argv[2:])
     print(__doc__.strip(), file=sys.stderr)
