@@ -11,7 +11,11 @@ const READY: Duration = Duration::from_secs(60);
 const BALLOON: &str = "size=0,free_page_hinting=on,statistics=on,deflate_on_oom=on";
 
 fn json(out: std::process::Output) -> serde_json::Value {
-    assert!(out.status.success(), "ch-remote failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ch-remote failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("JSON answer")
 }
 
@@ -32,19 +36,30 @@ fn wait_actual_pages(vmm: &Vmm, pages: u64) {
         if c["balloon"]["actual_pages"] == pages {
             return;
         }
-        assert!(Instant::now() < deadline, "balloon never reached {pages} pages: {c}");
+        assert!(
+            Instant::now() < deadline,
+            "balloon never reached {pages} pages: {c}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 #[test]
 fn inflate_and_deflate_follow_resize() {
-    let mut vmm = Vmm::boot("balloon-resize", "2G", "used=64 dirty=1536", &["--balloon", BALLOON]);
+    let mut vmm = Vmm::boot(
+        "balloon-resize",
+        "2G",
+        "used=64 dirty=1536",
+        &["--balloon", BALLOON],
+    );
     vmm.wait_line("guest: ready", READY);
     let seq = vmm.wait_seq_above(0, READY);
     let rss_before = rss_mib(&vmm);
 
-    assert!(vmm.remote(&["resize", "--balloon", "256M"]).status.success());
+    assert!(vmm
+        .remote(&["resize", "--balloon", "256M"])
+        .status
+        .success());
     wait_actual_pages(&vmm, 256 * 256);
     let info = json(vmm.remote(&["info"]));
     assert_eq!(info["memory_actual_size"], (2048u64 - 256) << 20);
@@ -73,7 +88,12 @@ fn inflate_and_deflate_follow_resize() {
 
 #[test]
 fn hint_round_covers_the_free_memory() {
-    let mut vmm = Vmm::boot("balloon-hints", "2G", "used=128 dirty=1024", &["--balloon", BALLOON]);
+    let mut vmm = Vmm::boot(
+        "balloon-hints",
+        "2G",
+        "used=128 dirty=1024",
+        &["--balloon", BALLOON],
+    );
     let ready = vmm.wait_line("guest: ready", READY);
     let free = field(&ready, "free_pages").unwrap();
     let seq = vmm.wait_seq_above(0, READY);
@@ -82,7 +102,10 @@ fn hint_round_covers_the_free_memory() {
     assert_eq!(status["timed_out"], false, "{status}");
     assert_eq!(status["state"], "stopped");
     let hinted = status["pages"].as_u64().unwrap();
-    assert!(hinted * 10 >= free * 9, "hinted {hinted} of {free} free pages");
+    assert!(
+        hinted * 10 >= free * 9,
+        "hinted {hinted} of {free} free pages"
+    );
     assert_eq!(status["rejected"], 0);
     let line = vmm.wait_line("guest: hint cmd_id=", Duration::from_secs(5));
     assert_eq!(field(&line, "pages"), Some(hinted));
@@ -101,12 +124,20 @@ fn hint_round_covers_the_free_memory() {
 
 #[test]
 fn a_driver_that_never_answers_times_out_cleanly() {
-    let mut vmm = Vmm::boot("balloon-nohint", "1G", "used=64 hint=none", &["--balloon", BALLOON]);
+    let mut vmm = Vmm::boot(
+        "balloon-nohint",
+        "1G",
+        "used=64 hint=none",
+        &["--balloon", BALLOON],
+    );
     vmm.wait_line("guest: ready", READY);
     let seq = vmm.wait_seq_above(0, READY);
     let started = Instant::now();
     let status = json(vmm.remote(&["balloon-hints", "start"]));
-    assert!(started.elapsed() < Duration::from_secs(5), "the round must end by its time limit");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the round must end by its time limit"
+    );
     assert_eq!(status["timed_out"], true, "{status}");
     assert_eq!(status["pages"], 0);
     let get = json(vmm.remote(&["balloon-hints"]));
@@ -121,9 +152,16 @@ fn a_driver_that_never_answers_times_out_cleanly() {
 fn balloon_requests_without_a_balloon_are_refused() {
     let mut vmm = Vmm::boot("balloon-none", "1G", "used=64", &[]);
     vmm.wait_line("guest: ready", READY);
-    for args in [&["resize", "--balloon", "128M"][..], &["balloon-hints", "start"][..], &["balloon-hints"][..]] {
+    for args in [
+        &["resize", "--balloon", "128M"][..],
+        &["balloon-hints", "start"][..],
+        &["balloon-hints"][..],
+    ] {
         let out = vmm.remote(args);
-        assert!(!out.status.success(), "{args:?} must fail without a balloon");
+        assert!(
+            !out.status.success(),
+            "{args:?} must fail without a balloon"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("balloon"), "{err}");
     }

@@ -10,7 +10,11 @@ const READY: Duration = Duration::from_secs(30);
 
 fn info_state(vmm: &Vmm) -> String {
     let out = vmm.remote(&["info"]);
-    assert!(out.status.success(), "ch-remote info failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ch-remote info failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info is JSON");
     info["state"].as_str().unwrap_or_default().to_string()
 }
@@ -30,7 +34,11 @@ fn boots_1g_and_is_driven_through_the_api() {
     assert_eq!(info_state(&vmm), "Paused");
     let paused_at = vmm.last_seq().unwrap_or(seq);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(vmm.last_seq(), Some(paused_at), "guest kept running while paused");
+    assert_eq!(
+        vmm.last_seq(),
+        Some(paused_at),
+        "guest kept running while paused"
+    );
 
     // Resumed: seq keeps rising.
     assert!(vmm.remote(&["resume"]).status.success());
@@ -43,7 +51,11 @@ fn boots_1g_and_is_driven_through_the_api() {
     assert!(!again.stderr.is_empty());
 
     let out = vmm.remote(&["shutdown"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);
     assert!(!vmm.serial_text().contains("FAILED"));
 }
@@ -55,7 +67,10 @@ fn boots_4g_with_ram_above_4g() {
     assert_eq!(field(&ready, "used_pages"), Some(1536 * 256));
     // Above 3 GiB of RAM the guest must have used memory from 4 GiB up: the free count shows it.
     let free = field(&ready, "free_pages").unwrap();
-    assert!(free > (2048 + 256) * 256, "free_pages {free} too low for a 4 GiB guest");
+    assert!(
+        free > (2048 + 256) * 256,
+        "free_pages {free} too low for a 4 GiB guest"
+    );
     vmm.wait_seq_above(1, READY);
     assert!(vmm.remote(&["shutdown"]).status.success());
     assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);

@@ -6,7 +6,7 @@ mod common;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Vmm, field};
+use common::{field, Vmm};
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -14,7 +14,8 @@ const READY: Duration = Duration::from_secs(60);
 fn migrate(src: &Vmm, dst: &Vmm, receiver_url: &str, send_args: &str) -> (Output, Output) {
     let dst_api = dst.api.clone();
     let url = receiver_url.to_string();
-    let receiver = std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &url]));
+    let receiver =
+        std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &url]));
     // Wait until the destination listens.
     if let Some(path) = receiver_url.strip_prefix("unix:") {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -49,7 +50,11 @@ fn pair(tag: &str, memory: &str, cmdline: &str, extra: &[&str]) -> (Vmm, Vmm) {
 
 /// After a migration: the source exited 0, the guest verifies with a higher seq, no failure.
 fn check_moved(mut src: Vmm, mut dst: Vmm) {
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), 0, "the source VMM exits after migrating");
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)),
+        0,
+        "the source VMM exits after migrating"
+    );
     let before = src.last_seq().unwrap_or(0);
     let after = src.wait_seq_above(before, Duration::from_secs(20));
     assert!(after > before);
@@ -65,16 +70,31 @@ fn check_moved(mut src: Vmm, mut dst: Vmm) {
 fn unix_without_hints_skips_zero_pages() {
     let (src, dst) = pair("mig-unix", "1G", "used=64 hot=4 dirty=256", &[]);
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
-    let (sent, received) = migrate(&src, &dst, &url, &format!("destination_url={url},free_page_hints=off"));
+    let (sent, received) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("destination_url={url},free_page_hints=off"),
+    );
     let r = report(&sent);
-    assert!(received.status.success(), "{}", String::from_utf8_lossy(&received.stderr));
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
     assert_eq!(r["status"], "completed");
     assert_eq!(r["memory_bytes"], 1u64 << 30);
     assert_eq!(r["hints"]["used"], false);
     let sent_bytes = r["bytes_sent"].as_u64().unwrap();
     let zero = r["zero_pages_skipped"].as_u64().unwrap();
-    assert!(sent_bytes >= (64 + 256) << 20, "live and dirtied data must be sent: {sent_bytes}");
-    assert!(zero > 100_000, "most of the untouched 1 GiB is zero pages: {zero}");
+    assert!(
+        sent_bytes >= (64 + 256) << 20,
+        "live and dirtied data must be sent: {sent_bytes}"
+    );
+    assert!(
+        zero > 100_000,
+        "most of the untouched 1 GiB is zero pages: {zero}"
+    );
     assert!(r["wire_bytes"].as_u64().unwrap() > sent_bytes);
     check_moved(src, dst);
 }
@@ -82,23 +102,48 @@ fn unix_without_hints_skips_zero_pages() {
 #[test]
 fn tcp_with_zero_pages_sent_too() {
     let (src, dst) = pair("mig-tcp", "1G", "used=64 hot=4", &[]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("tcp:127.0.0.1:{port}");
-    let (sent, received) = migrate(&src, &dst, &url, &format!("destination_url={url},zero_pages=off"));
+    let (sent, received) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("destination_url={url},zero_pages=off"),
+    );
     let r = report(&sent);
     assert!(received.status.success());
     assert_eq!(r["zero_pages_skipped"], 0);
-    assert!(r["bytes_sent"].as_u64().unwrap() >= 1 << 30, "all of RAM is sent");
+    assert!(
+        r["bytes_sent"].as_u64().unwrap() >= 1 << 30,
+        "all of RAM is sent"
+    );
     check_moved(src, dst);
 }
 
 #[test]
 fn hot_pages_written_during_migration_arrive_with_two_vcpus() {
-    let (src, dst) = pair("mig-hot", "2G", "used=128 hot=64 dirty=512", &["--cpus", "boot=2"]);
+    let (src, dst) = pair(
+        "mig-hot",
+        "2G",
+        "used=128 hot=64 dirty=512",
+        &["--cpus", "boot=2"],
+    );
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
-    let (sent, _) = migrate(&src, &dst, &url, &format!("destination_url={url},downtime_ms=50"));
+    let (sent, _) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("destination_url={url},downtime_ms=50"),
+    );
     let r = report(&sent);
-    assert!(r["rounds"].as_u64().unwrap() >= 2, "a hot guest needs dirty rounds: {r}");
+    assert!(
+        r["rounds"].as_u64().unwrap() >= 2,
+        "a hot guest needs dirty rounds: {r}"
+    );
     check_moved(src, dst);
 }
 
@@ -118,18 +163,23 @@ fn destination_killed_during_round_zero_leaves_the_source_running() {
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
     let dst_api = dst.api.clone();
     let u = url.clone();
-    let receiver = std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &u]));
+    let receiver =
+        std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &u]));
     std::thread::sleep(Duration::from_millis(300));
     let src_api = src.api.clone();
     let args = format!("destination_url={url},zero_pages=off,free_page_hints=off");
-    let sender = std::thread::spawn(move || common::ch_remote(&src_api, &["send-migration", &args]));
+    let sender =
+        std::thread::spawn(move || common::ch_remote(&src_api, &["send-migration", &args]));
     // Round 0 of 4 GiB takes seconds here: kill the destination in the middle of it.
     std::thread::sleep(Duration::from_millis(1500));
     dst.child.kill().unwrap();
     let _ = dst.child.wait();
     let sent = sender.join().unwrap();
     let _ = receiver.join();
-    assert!(!sent.status.success(), "send-migration must fail when the destination dies");
+    assert!(
+        !sent.status.success(),
+        "send-migration must fail when the destination dies"
+    );
     let err = String::from_utf8_lossy(&sent.stderr);
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
     assert!(src.running(), "the source VMM keeps running");
@@ -149,7 +199,8 @@ fn garbage_to_a_receiving_vmm_is_refused_cleanly() {
     let path = dst.scratch.path("mig.sock");
     let url = format!("unix:{}", path.display());
     let dst_api = dst.api.clone();
-    let receiver = std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &url]));
+    let receiver =
+        std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &url]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -172,7 +223,12 @@ const HINTING: &str = "size=0,free_page_hinting=on";
 
 #[test]
 fn hints_leave_the_freed_memory_out_of_round_zero() {
-    let (src, dst) = pair("mig-hints", "2G", "used=128 dirty=1536", &[BALLOON, HINTING]);
+    let (src, dst) = pair(
+        "mig-hints",
+        "2G",
+        "used=128 dirty=1536",
+        &[BALLOON, HINTING],
+    );
     let ready = src.wait_line("guest: ready", READY);
     let free = field(&ready, "free_pages").unwrap();
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
@@ -182,9 +238,15 @@ fn hints_leave_the_freed_memory_out_of_round_zero() {
     assert_eq!(r["hints"]["mode"], "stock");
     assert_eq!(r["hints"]["rejected"], 0);
     let skipped = r["hints"]["pages_skipped"].as_u64().unwrap();
-    assert!(skipped * 10 >= free * 9, "skipped {skipped} of {free} free pages: {r}");
+    assert!(
+        skipped * 10 >= free * 9,
+        "skipped {skipped} of {free} free pages: {r}"
+    );
     let bytes = r["bytes_sent"].as_u64().unwrap();
-    assert!(bytes < (128 + 64) << 20, "only about the live data is sent: {bytes}");
+    assert!(
+        bytes < (128 + 64) << 20,
+        "only about the live data is sent: {bytes}"
+    );
     check_moved_with_done(src, dst);
 }
 
@@ -198,9 +260,19 @@ fn check_moved_with_done(src: Vmm, dst: Vmm) {
 #[test]
 fn pages_written_after_their_hint_arrive() {
     // hot pages are rewritten all along, also the ones hinted free and then allocated again.
-    let (src, dst) = pair("mig-hints-hot", "2G", "used=128 hot=64 dirty=1024", &[BALLOON, HINTING, "--cpus", "boot=2"]);
+    let (src, dst) = pair(
+        "mig-hints-hot",
+        "2G",
+        "used=128 hot=64 dirty=1024",
+        &[BALLOON, HINTING, "--cpus", "boot=2"],
+    );
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
-    let (sent, _) = migrate(&src, &dst, &url, &format!("destination_url={url},downtime_ms=50"));
+    let (sent, _) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("destination_url={url},downtime_ms=50"),
+    );
     let r = report(&sent);
     assert_eq!(r["hints"]["used"], true);
     assert!(r["rounds"].as_u64().unwrap() >= 2);
@@ -209,7 +281,12 @@ fn pages_written_after_their_hint_arrive() {
 
 #[test]
 fn ranges_protocol_hints_every_free_page() {
-    let (src, dst) = pair("mig-ranges", "2G", "used=128 dirty=1024 fragment=256 hint=ranges", &[BALLOON, HINTING]);
+    let (src, dst) = pair(
+        "mig-ranges",
+        "2G",
+        "used=128 dirty=1024 fragment=256 hint=ranges",
+        &[BALLOON, HINTING],
+    );
     let ready = src.wait_line("guest: ready", READY);
     let free = field(&ready, "free_pages").unwrap();
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
@@ -218,35 +295,63 @@ fn ranges_protocol_hints_every_free_page() {
     assert_eq!(r["hints"]["mode"], "ranges", "{r}");
     let skipped = r["hints"]["pages_skipped"].as_u64().unwrap();
     // Fragmented free memory (64 KiB holes) is hinted too: nearly every free page.
-    assert!(skipped * 100 >= free * 97, "skipped {skipped} of {free} free pages");
+    assert!(
+        skipped * 100 >= free * 97,
+        "skipped {skipped} of {free} free pages"
+    );
     check_moved(src, dst);
 }
 
 #[test]
 fn a_guest_that_never_hints_is_migrated_after_the_wait() {
-    let (src, dst) = pair("mig-nohint", "1G", "used=64 dirty=256 hint=none", &[BALLOON, HINTING]);
+    let (src, dst) = pair(
+        "mig-nohint",
+        "1G",
+        "used=64 dirty=256 hint=none",
+        &[BALLOON, HINTING],
+    );
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
-    let (sent, _) = migrate(&src, &dst, &url, &format!("destination_url={url},hint_wait_ms=300"));
+    let (sent, _) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("destination_url={url},hint_wait_ms=300"),
+    );
     let r = report(&sent);
     assert_eq!(r["hints"]["used"], true);
     assert_eq!(r["hints"]["pages_hinted"], 0);
     let wait = r["hints"]["wait_ms"].as_f64().unwrap();
-    assert!((290.0..2000.0).contains(&wait), "waited {wait} ms for a 300 ms limit");
+    assert!(
+        (290.0..2000.0).contains(&wait),
+        "waited {wait} ms for a 300 ms limit"
+    );
     assert!(r["bytes_sent"].as_u64().unwrap() >= (64 + 256) << 20);
     check_moved(src, dst);
 }
 
 #[test]
 fn an_inflated_balloon_stays_inflated() {
-    let (src, dst) = pair("mig-inflated", "2G", "used=64 dirty=512", &[BALLOON, HINTING]);
-    assert!(src.remote(&["resize", "--balloon", "256M"]).status.success());
+    let (src, dst) = pair(
+        "mig-inflated",
+        "2G",
+        "used=64 dirty=512",
+        &[BALLOON, HINTING],
+    );
+    assert!(src
+        .remote(&["resize", "--balloon", "256M"])
+        .status
+        .success());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let c: serde_json::Value = serde_json::from_slice(&src.remote(&["counters"]).stdout).unwrap();
+        let c: serde_json::Value =
+            serde_json::from_slice(&src.remote(&["counters"]).stdout).unwrap();
         if c["balloon"]["actual_pages"] == 65536 {
             break;
         }
-        assert!(Instant::now() < deadline, "the balloon did not inflate: {c}");
+        assert!(
+            Instant::now() < deadline,
+            "the balloon did not inflate: {c}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());

@@ -66,6 +66,9 @@ fn vcpu_state_restored_into_a_fresh_vm_continues_the_guest() {
     let text = std::fs::read_to_string(&serial2).unwrap();
     assert!(!text.contains("FAILED"), "{text}");
     let seq_after = last_verify_seq(&text).unwrap();
-    assert!(seq_after > seq_before, "seq {seq_after} after restore, {seq_before} before ({line})");
+    assert!(
+        seq_after > seq_before,
+        "seq {seq_after} after restore, {seq_before} before ({line})"
+    );
     dest.shutdown();
 }

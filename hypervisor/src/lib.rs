@@ -15,11 +15,11 @@ pub use crate::hypervisor::{Hypervisor, HypervisorError};
 pub use crate::kvm::KvmHypervisor;
 pub use crate::vm::{DataMatch, IoEventAddress, IrqRoute, UserMemoryRegion, Vm, VmError, VmState};
 
+/// The legacy FPU/SSE state, as KVM lays it out.
+pub use kvm_bindings::kvm_fpu as FpuState;
 /// General-purpose registers, as KVM lays them out.
 pub use kvm_bindings::kvm_regs as StandardRegisters;
 /// A segment register, as KVM lays it out.
 pub use kvm_bindings::kvm_segment as SegmentRegister;
 /// Control, segment and descriptor-table registers, as KVM lays them out.
 pub use kvm_bindings::kvm_sregs as SpecialRegisters;
-/// The legacy FPU/SSE state, as KVM lays it out.
-pub use kvm_bindings::kvm_fpu as FpuState;

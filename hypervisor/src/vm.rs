@@ -176,7 +176,13 @@ pub trait Vm: Send + Sync {
     fn get_dirty_log(&self, slot: u32, memory_size: u64) -> Result<Vec<u64>>;
     /// Clears (re-protects) the pages set in `bitmap`, whose bit 0 is page `first_page` of the slot.
     /// `first_page` must be a multiple of 64. Needed only with manual protection.
-    fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u32, bitmap: &[u64]) -> Result<()>;
+    fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: &[u64],
+    ) -> Result<()>;
     /// Creates the in-kernel PIC, IOAPIC, local APICs and PIT.
     fn create_irqchip(&self) -> Result<()>;
     /// Makes a write to `fd` raise `gsi`.
@@ -184,9 +190,19 @@ pub trait Vm: Send + Sync {
     /// Undoes [`Vm::register_irqfd`].
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;
     /// Makes a guest write at `addr` (matching `datamatch`) signal `fd` without leaving the kernel.
-    fn register_ioevent(&self, fd: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()>;
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: DataMatch,
+    ) -> Result<()>;
     /// Undoes [`Vm::register_ioevent`].
-    fn unregister_ioevent(&self, fd: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()>;
+    fn unregister_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: DataMatch,
+    ) -> Result<()>;
     /// Replaces the whole GSI routing table.
     fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()>;
     /// Sets the level of an interrupt line of the in-kernel irqchip.

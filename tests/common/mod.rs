@@ -28,7 +28,10 @@ pub fn guest_elf() -> &'static Path {
             .expect("run scripts/build-test-guest.sh");
         assert!(out.status.success(), "building the test guest failed");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().last().expect("build script printed the ELF path");
+        let last = stdout
+            .lines()
+            .last()
+            .expect("build script printed the ELF path");
         PathBuf::from(last.trim())
     })
 }
@@ -147,7 +150,10 @@ impl Vmm {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.serial_text();
-            assert!(!text.contains("verify FAILED"), "guest reported a failure:\n{text}");
+            assert!(
+                !text.contains("verify FAILED"),
+                "guest reported a failure:\n{text}"
+            );
             if let Some(seq) = last_verify_seq(&text) {
                 if seq > above {
                     return seq;
@@ -168,7 +174,10 @@ impl Vmm {
             if let Some(status) = self.child.try_wait().expect("wait for VMM") {
                 return status.code().unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "VMM did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "VMM did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -37,7 +37,12 @@ fn fresh_mapping(len: usize, thp: bool) -> &'static mut [u8] {
     }
 }
 
-fn run<R: Read + Send + 'static, W: Write>(mut reader: R, mut writer: W, bytes: usize, mode: Mode) -> f64 {
+fn run<R: Read + Send + 'static, W: Write>(
+    mut reader: R,
+    mut writer: W,
+    bytes: usize,
+    mode: Mode,
+) -> f64 {
     let receiver = std::thread::spawn(move || {
         let mut reused = vec![0u8; CHUNK];
         let dest = match mode {

@@ -49,9 +49,17 @@ impl InterruptManager {
         for gsi in 0..NUM_LEGACY_GSIS {
             if gsi < 16 {
                 let chip = if gsi < 8 { PIC_MASTER } else { PIC_SLAVE };
-                routes.push(IrqRoute::Irqchip { gsi, chip, pin: gsi % 8 });
+                routes.push(IrqRoute::Irqchip {
+                    gsi,
+                    chip,
+                    pin: gsi % 8,
+                });
             }
-            routes.push(IrqRoute::Irqchip { gsi, chip: IOAPIC, pin: gsi });
+            routes.push(IrqRoute::Irqchip {
+                gsi,
+                chip: IOAPIC,
+                pin: gsi,
+            });
         }
         routes
     }
@@ -108,7 +116,10 @@ impl MsiVectorGroup {
             .ok_or_else(|| VmError::GsiRouting(std::io::Error::from_raw_os_error(libc::ENOSPC)))?;
         let mut irqfds = Vec::new();
         for i in 0..count {
-            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Irqfd { gsi: base_gsi + i, source: e })?;
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Irqfd {
+                gsi: base_gsi + i,
+                source: e,
+            })?;
             manager.vm().register_irqfd(&fd, base_gsi + i)?;
             irqfds.push(fd);
         }
@@ -134,7 +145,10 @@ impl MsiVectors for MsiVectorGroup {
             return Err(vector_error(vector));
         }
         self.manager
-            .set_msi_route(self.base_gsi + u32::from(vector), msg.map(|m| (m.address, m.data)))
+            .set_msi_route(
+                self.base_gsi + u32::from(vector),
+                msg.map(|m| (m.address, m.data)),
+            )
             .map_err(|e| InterruptError::Route {
                 vector,
                 source: std::io::Error::other(crate::api::error_chain(&e)),
@@ -142,7 +156,10 @@ impl MsiVectors for MsiVectorGroup {
     }
 
     fn trigger(&self, vector: u16) -> Result<(), InterruptError> {
-        let fd = self.irqfds.get(usize::from(vector)).ok_or_else(|| vector_error(vector))?;
+        let fd = self
+            .irqfds
+            .get(usize::from(vector))
+            .ok_or_else(|| vector_error(vector))?;
         fd.write(1).map_err(InterruptError::Signal)
     }
 }
@@ -173,8 +190,23 @@ mod tests {
     fn legacy_table_shape() {
         let r = InterruptManager::legacy_routes();
         assert_eq!(r.len(), 16 * 2 + 8);
-        assert!(r.contains(&IrqRoute::Irqchip { gsi: 4, chip: IOAPIC, pin: 4 }));
-        assert!(r.contains(&IrqRoute::Irqchip { gsi: 12, chip: PIC_SLAVE, pin: 4 }));
-        assert!(!r.iter().any(|e| matches!(e, IrqRoute::Irqchip { gsi: 20, chip: PIC_MASTER | PIC_SLAVE, .. })));
+        assert!(r.contains(&IrqRoute::Irqchip {
+            gsi: 4,
+            chip: IOAPIC,
+            pin: 4
+        }));
+        assert!(r.contains(&IrqRoute::Irqchip {
+            gsi: 12,
+            chip: PIC_SLAVE,
+            pin: 4
+        }));
+        assert!(!r.iter().any(|e| matches!(
+            e,
+            IrqRoute::Irqchip {
+                gsi: 20,
+                chip: PIC_MASTER | PIC_SLAVE,
+                ..
+            }
+        )));
     }
 }

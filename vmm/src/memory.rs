@@ -6,7 +6,8 @@ use std::sync::Arc;
 use hypervisor::{UserMemoryRegion, Vm};
 use thiserror::Error;
 use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
 };
 
 use crate::config::MemoryConfig;
@@ -67,7 +68,9 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<Arc<GuestMemoryMmap>
     for (addr, len) in ram_ranges(size) {
         let len_usize = usize::try_from(len).map_err(|_| MemoryError::InvalidSize(size))?;
         let mapping = match &file {
-            Some(f) => MmapRegion::from_file(FileOffset::from_arc(f.clone(), file_offset), len_usize),
+            Some(f) => {
+                MmapRegion::from_file(FileOffset::from_arc(f.clone(), file_offset), len_usize)
+            }
             None => MmapRegion::new(len_usize),
         }
         .map_err(MemoryError::Mmap)?;
@@ -89,9 +92,13 @@ pub fn guest_memory_from_files(
     for r in regions {
         let size = usize::try_from(r.size).map_err(|_| MemoryError::InvalidSize(r.size))?;
         let file = File::from(r.fd);
-        let mapping = MmapRegion::from_file(FileOffset::new(file, r.offset), size).map_err(MemoryError::Mmap)?;
+        let mapping = MmapRegion::from_file(FileOffset::new(file, r.offset), size)
+            .map_err(MemoryError::Mmap)?;
         advise(&mapping, config.thp, false);
-        out.push(GuestRegionMmap::new(mapping, GuestAddress(r.gpa)).ok_or(MemoryError::InvalidSize(r.size))?);
+        out.push(
+            GuestRegionMmap::new(mapping, GuestAddress(r.gpa))
+                .ok_or(MemoryError::InvalidSize(r.size))?,
+        );
     }
     let mem = GuestMemoryMmap::from_regions(out).map_err(MemoryError::Layout)?;
     Ok(Arc::new(mem))
@@ -122,7 +129,10 @@ fn advise<B: vm_memory::bitmap::Bitmap>(mapping: &MmapRegion<B>, thp: bool, pref
         // SAFETY: MADV_POPULATE_WRITE only faults in the pages of a mapping this process owns.
         let r = unsafe { libc::madvise(ptr, len, libc::MADV_POPULATE_WRITE) };
         if r != 0 {
-            log::warn!("prefaulting guest memory failed: {}", std::io::Error::last_os_error());
+            log::warn!(
+                "prefaulting guest memory failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -136,7 +146,11 @@ pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
 }
 
 /// Registers every RAM region as a KVM memory slot (slot i = region i).
-pub fn register_slots(vm: &dyn Vm, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), MemoryError> {
+pub fn register_slots(
+    vm: &dyn Vm,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -208,6 +222,9 @@ mod tests {
             prefault: false,
             thp: false,
         };
-        assert!(matches!(create_guest_memory(&cfg), Err(MemoryError::InvalidSize(_))));
+        assert!(matches!(
+            create_guest_memory(&cfg),
+            Err(MemoryError::InvalidSize(_))
+        ));
     }
 }

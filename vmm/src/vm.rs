@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use hypervisor::{Hypervisor, Vm as HypervisorVm};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use serde::{Deserialize, Serialize};
-use virtio_devices::{BalloonState, VirtioPciState};
 use thiserror::Error;
+use virtio_devices::{BalloonState, VirtioPciState};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{self, regs, BootError};
 use crate::config::VmConfig;
@@ -111,7 +111,11 @@ pub struct Vm {
 impl Vm {
     /// Builds a VM from `config`: KVM VM, guest memory and slots, irqchip, devices and vCPUs.
     /// `exit_sink` hears when the guest shuts down, resets or a vCPU fails.
-    pub fn new(config: VmConfig, hypervisor: &dyn Hypervisor, exit_sink: ExitSink) -> Result<Self, VmError> {
+    pub fn new(
+        config: VmConfig,
+        hypervisor: &dyn Hypervisor,
+        exit_sink: ExitSink,
+    ) -> Result<Self, VmError> {
         let memory = memory::create_guest_memory(&config.memory).map_err(VmError::Memory)?;
         Self::with_memory(config, memory, hypervisor, exit_sink)
     }
@@ -193,8 +197,12 @@ impl Vm {
         if self.state != VmState::Created {
             return Err(VmError::InvalidState(self.state));
         }
-        let entry = boot::load_payload(&self.memory, &self.config.payload, self.config.cpus.boot_vcpus)
-            .map_err(VmError::Boot)?;
+        let entry = boot::load_payload(
+            &self.memory,
+            &self.config.payload,
+            self.config.cpus.boot_vcpus,
+        )
+        .map_err(VmError::Boot)?;
         self.vcpus
             .with_vcpu(0, |bsp| regs::setup_boot_vcpu(bsp, &self.memory, entry))
             .ok_or(VmError::InvalidState(self.state))?
@@ -250,11 +258,16 @@ impl Vm {
             return Err(VmError::InvalidState(self.state));
         }
         if snapshot.vcpus.len() != self.vcpus.count() {
-            return Err(VmError::SnapshotMismatch(snapshot.vcpus.len(), self.vcpus.count()));
+            return Err(VmError::SnapshotMismatch(
+                snapshot.vcpus.len(),
+                self.vcpus.count(),
+            ));
         }
         match (&self.devices.balloon, &snapshot.balloon) {
             (Some(dev), Some(state)) => {
-                lock(&dev.pci).restore(state.clone()).map_err(|e| VmError::DeviceState(e.to_string()))?;
+                lock(&dev.pci)
+                    .restore(state.clone())
+                    .map_err(|e| VmError::DeviceState(e.to_string()))?;
                 self.devices
                     .pci
                     .register_ioevents(dev.slot)
@@ -271,9 +284,15 @@ impl Vm {
                 }
             }
             (None, None) => {}
-            _ => return Err(VmError::DeviceState("balloon present on one side only".into())),
+            _ => {
+                return Err(VmError::DeviceState(
+                    "balloon present on one side only".into(),
+                ))
+            }
         }
-        self.vm.set_state(&snapshot.vm).map_err(VmError::Hypervisor)?;
+        self.vm
+            .set_state(&snapshot.vm)
+            .map_err(VmError::Hypervisor)?;
         self.vcpus.restore(&snapshot.vcpus).map_err(VmError::Vcpu)?;
         self.vcpus
             .start(self.handlers(), self.exit_sink.clone(), true)
@@ -317,7 +336,10 @@ impl Vm {
                     .vm
                     .get_dirty_log(slot as u32, region.len())
                     .map_err(VmError::Hypervisor)?;
-                for (w, v) in words.iter_mut().zip(region.get_mmap().bitmap().get_and_reset()) {
+                for (w, v) in words
+                    .iter_mut()
+                    .zip(region.get_mmap().bitmap().get_and_reset())
+                {
                     *w |= v;
                 }
                 Ok(words)
@@ -362,7 +384,10 @@ impl Vm {
             if let Some(map) = entry.as_object_mut() {
                 map.insert("actual_pages".into(), b.actual_pages().into());
                 map.insert("target_pages".into(), b.target_pages().into());
-                map.insert("stats".into(), serde_json::to_value(b.stats()).unwrap_or_default());
+                map.insert(
+                    "stats".into(),
+                    serde_json::to_value(b.stats()).unwrap_or_default(),
+                );
             }
             out.insert("balloon".into(), entry);
         }

@@ -61,7 +61,10 @@ impl Hypervisor for KvmHypervisor {
             return Err(HypervisorError::MissingCapability("KVM_CAP_XSAVE"));
         }
         let has_xcrs = self.kvm.check_extension(Cap::Xcrs);
-        let has_debugregs = self.kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DEBUGREGS)) > 0;
+        let has_debugregs = self
+            .kvm
+            .check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DEBUGREGS))
+            > 0;
         Ok(Arc::new(KvmVm::new(
             fd,
             msrs,

@@ -77,7 +77,13 @@ fn flat32(selector: u16, type_: u8) -> SegmentRegister {
 fn boot_counter(vcpu: &dyn Vcpu) {
     let mut sregs = vcpu.sregs().unwrap();
     sregs.cs = flat32(0x8, 0xb);
-    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.ss, &mut sregs.fs, &mut sregs.gs] {
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.ss,
+        &mut sregs.fs,
+        &mut sregs.gs,
+    ] {
         *s = flat32(0x10, 0x3);
     }
     sregs.cr0 = 0x11;

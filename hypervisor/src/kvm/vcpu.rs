@@ -85,12 +85,14 @@ impl Vcpu for KvmVcpu {
                     let suberror = unsafe { (*run_area).__bindgen_anon_1.internal.suberror };
                     VmExit::InternalError(format!("KVM internal error, suberror {suberror}"))
                 }
-                VcpuExit::FailEntry(reason, cpu) => {
-                    VmExit::InternalError(format!("VM entry failed: reason {reason:#x} on cpu {cpu}"))
-                }
+                VcpuExit::FailEntry(reason, cpu) => VmExit::InternalError(format!(
+                    "VM entry failed: reason {reason:#x} on cpu {cpu}"
+                )),
                 other => VmExit::Other(format!("{other:?}")),
             }),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(VmExit::Interrupted),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VmExit::Interrupted)
+            }
             Err(e) => Err(CpuError::Run(e.into())),
         }
     }
@@ -113,18 +115,23 @@ impl Vcpu for KvmVcpu {
                 ..Default::default()
             })
             .collect();
-        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| CpuError::InvalidState("too many CPUID entries"))?;
+        let cpuid = CpuId::from_entries(&kvm_entries)
+            .map_err(|_| CpuError::InvalidState("too many CPUID entries"))?;
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(|e| CpuError::Set("CPUID", e.into()))
     }
 
     fn regs(&self) -> Result<StandardRegisters> {
-        self.fd.get_regs().map_err(|e| CpuError::Get("registers", e.into()))
+        self.fd
+            .get_regs()
+            .map_err(|e| CpuError::Get("registers", e.into()))
     }
 
     fn set_regs(&self, regs: &StandardRegisters) -> Result<()> {
-        self.fd.set_regs(regs).map_err(|e| CpuError::Set("registers", e.into()))
+        self.fd
+            .set_regs(regs)
+            .map_err(|e| CpuError::Set("registers", e.into()))
     }
 
     fn sregs(&self) -> Result<SpecialRegisters> {
@@ -140,7 +147,9 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_fpu(&self, fpu: &FpuState) -> Result<()> {
-        self.fd.set_fpu(fpu).map_err(|e| CpuError::Set("FPU", e.into()))
+        self.fd
+            .set_fpu(fpu)
+            .map_err(|e| CpuError::Set("FPU", e.into()))
     }
 
     fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<usize> {
@@ -164,12 +173,25 @@ impl Vcpu for KvmVcpu {
     }
 
     fn setup_lint(&self) -> Result<()> {
-        let mut lapic = self.fd.get_lapic().map_err(|e| CpuError::Get("LAPIC", e.into()))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| CpuError::Get("LAPIC", e.into()))?;
         let lvt0 = lapic_reg(&lapic, APIC_LVT0);
-        set_lapic_reg(&mut lapic, APIC_LVT0, (lvt0 & !0x700) | (APIC_MODE_EXTINT << 8));
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT0,
+            (lvt0 & !0x700) | (APIC_MODE_EXTINT << 8),
+        );
         let lvt1 = lapic_reg(&lapic, APIC_LVT1);
-        set_lapic_reg(&mut lapic, APIC_LVT1, (lvt1 & !0x700) | (APIC_MODE_NMI << 8));
-        self.fd.set_lapic(&lapic).map_err(|e| CpuError::Set("LAPIC", e.into()))
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT1,
+            (lvt1 & !0x700) | (APIC_MODE_NMI << 8),
+        );
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| CpuError::Set("LAPIC", e.into()))
     }
 
     fn state(&self) -> Result<VcpuState> {
@@ -179,14 +201,24 @@ impl Vcpu for KvmVcpu {
             .map_err(|e| CpuError::Get("MP state", e.into()))?;
         let regs = self.regs()?;
         let sregs = self.sregs()?;
-        let xsave = self.fd.get_xsave().map_err(|e| CpuError::Get("XSAVE area", e.into()))?;
+        let xsave = self
+            .fd
+            .get_xsave()
+            .map_err(|e| CpuError::Get("XSAVE area", e.into()))?;
         let xcrs = if self.caps.xcrs {
-            Some(self.fd.get_xcrs().map_err(|e| CpuError::Get("XCRs", e.into()))?)
+            Some(
+                self.fd
+                    .get_xcrs()
+                    .map_err(|e| CpuError::Get("XCRs", e.into()))?,
+            )
         } else {
             None
         };
         let msrs = self.read_msrs()?;
-        let lapic = self.fd.get_lapic().map_err(|e| CpuError::Get("LAPIC", e.into()))?;
+        let lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| CpuError::Get("LAPIC", e.into()))?;
         let events = self
             .fd
             .get_vcpu_events()
@@ -223,9 +255,12 @@ impl Vcpu for KvmVcpu {
         self.set_regs(&state.regs)?;
         // SAFETY: `xsave` is a complete kvm_xsave saved by KVM_GET_XSAVE; the legacy 4 KiB
         // layout has no trailing flexible array that could be read out of bounds.
-        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(|e| CpuError::Set("XSAVE area", e.into()))?;
+        unsafe { self.fd.set_xsave(&state.xsave) }
+            .map_err(|e| CpuError::Set("XSAVE area", e.into()))?;
         if let Some(xcrs) = &state.xcrs {
-            self.fd.set_xcrs(xcrs).map_err(|e| CpuError::Set("XCRs", e.into()))?;
+            self.fd
+                .set_xcrs(xcrs)
+                .map_err(|e| CpuError::Set("XCRs", e.into()))?;
         }
         self.set_msrs(&state.msrs)?;
         self.fd

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_enable_cap, kvm_irq_routing_entry, kvm_irqchip,
-    kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_irq_routing_entry, kvm_irqchip, kvm_pit_config,
+    kvm_userspace_memory_region, KvmIrqRouting, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
     KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -16,7 +16,9 @@ use vmm_sys_util::ioctl_iow_nr;
 
 use super::vcpu::KvmVcpu;
 use crate::cpu::Vcpu;
-use crate::vm::{DataMatch, IoEventAddress, IrqRoute, Result, UserMemoryRegion, Vm, VmError, VmState};
+use crate::vm::{
+    DataMatch, IoEventAddress, IrqRoute, Result, UserMemoryRegion, Vm, VmError, VmState,
+};
 
 const KVMIO: u32 = 0xAE;
 ioctl_iow_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
@@ -58,7 +60,11 @@ impl KvmVm {
             guest_phys_addr: r.guest_phys_addr,
             memory_size: r.memory_size,
             userspace_addr: r.userspace_addr,
-            flags: if r.log_dirty_pages { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if r.log_dirty_pages {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         }
     }
 
@@ -105,13 +111,20 @@ impl Vm for KvmVm {
 
     fn remove_user_memory_region(&self, slot: u32) -> Result<()> {
         let mut slots = self.slots();
-        let region = slots.get(&slot).copied().ok_or(VmError::UnknownSlot(slot))?;
+        let region = slots
+            .get(&slot)
+            .copied()
+            .ok_or(VmError::UnknownSlot(slot))?;
         let mut kvm_region = Self::kvm_region(&region);
         kvm_region.memory_size = 0;
         kvm_region.flags = 0;
         // SAFETY: a zero-sized region deletes the slot; no host memory is referenced any more.
-        unsafe { self.fd.set_user_memory_region(kvm_region) }
-            .map_err(|e| VmError::SetMemoryRegion { slot, source: io(e) })?;
+        unsafe { self.fd.set_user_memory_region(kvm_region) }.map_err(|e| {
+            VmError::SetMemoryRegion {
+                slot,
+                source: io(e),
+            }
+        })?;
         slots.remove(&slot);
         Ok(())
     }
@@ -123,8 +136,12 @@ impl Vm for KvmVm {
         changed.log_dirty_pages = enable;
         // SAFETY: same mapping as registered before (set_user_memory_region's contract still holds);
         // only the flags change.
-        unsafe { self.fd.set_user_memory_region(Self::kvm_region(&changed)) }
-            .map_err(|e| VmError::SetMemoryRegion { slot, source: io(e) })?;
+        unsafe { self.fd.set_user_memory_region(Self::kvm_region(&changed)) }.map_err(|e| {
+            VmError::SetMemoryRegion {
+                slot,
+                source: io(e),
+            }
+        })?;
         *region = changed;
         Ok(())
     }
@@ -153,10 +170,19 @@ impl Vm for KvmVm {
         let size = usize::try_from(memory_size).map_err(|_| VmError::UnknownSlot(slot))?;
         self.fd
             .get_dirty_log(slot, size)
-            .map_err(|e| VmError::GetDirtyLog { slot, source: io(e) })
+            .map_err(|e| VmError::GetDirtyLog {
+                slot,
+                source: io(e),
+            })
     }
 
-    fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u32, bitmap: &[u64]) -> Result<()> {
+    fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: &[u64],
+    ) -> Result<()> {
         if u64::from(num_pages) > bitmap.len() as u64 * 64 {
             return Err(VmError::ClearDirtyLog {
                 slot,
@@ -196,7 +222,9 @@ impl Vm for KvmVm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        self.fd.create_pit2(pit).map_err(|e| VmError::CreatePit(io(e)))?;
+        self.fd
+            .create_pit2(pit)
+            .map_err(|e| VmError::CreatePit(io(e)))?;
         *self.has_pit.lock().unwrap_or_else(|e| e.into_inner()) = true;
         Ok(())
     }
@@ -213,24 +241,40 @@ impl Vm for KvmVm {
             .map_err(|e| VmError::Irqfd { gsi, source: io(e) })
     }
 
-    fn register_ioevent(&self, fd: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()> {
+    fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: DataMatch,
+    ) -> Result<()> {
         let a = kvm_ioevent_addr(addr);
         let r = match datamatch {
             DataMatch::Any => self.fd.register_ioevent(fd, &a, NoDatamatch),
             DataMatch::U32(v) => self.fd.register_ioevent(fd, &a, v),
             DataMatch::U64(v) => self.fd.register_ioevent(fd, &a, v),
         };
-        r.map_err(|e| VmError::Ioevent { addr, source: io(e) })
+        r.map_err(|e| VmError::Ioevent {
+            addr,
+            source: io(e),
+        })
     }
 
-    fn unregister_ioevent(&self, fd: &EventFd, addr: IoEventAddress, datamatch: DataMatch) -> Result<()> {
+    fn unregister_ioevent(
+        &self,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: DataMatch,
+    ) -> Result<()> {
         let a = kvm_ioevent_addr(addr);
         let r = match datamatch {
             DataMatch::Any => self.fd.unregister_ioevent(fd, &a, NoDatamatch),
             DataMatch::U32(v) => self.fd.unregister_ioevent(fd, &a, v),
             DataMatch::U64(v) => self.fd.unregister_ioevent(fd, &a, v),
         };
-        r.map_err(|e| VmError::Ioevent { addr, source: io(e) })
+        r.map_err(|e| VmError::Ioevent {
+            addr,
+            source: io(e),
+        })
     }
 
     fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()> {
@@ -267,7 +311,11 @@ impl Vm for KvmVm {
             .get_chip(KVM_IRQCHIP_IOAPIC)
             .map_err(|e| VmError::SaveState("IOAPIC", e))?;
         let pit = if *self.has_pit.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(self.fd.get_pit2().map_err(|e| VmError::SaveState("PIT", io(e)))?)
+            Some(
+                self.fd
+                    .get_pit2()
+                    .map_err(|e| VmError::SaveState("PIT", io(e)))?,
+            )
         } else {
             None
         };

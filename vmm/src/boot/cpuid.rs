@@ -16,7 +16,8 @@ pub fn for_vcpu(supported: &[CpuIdEntry], id: u8, count: u8) -> Vec<CpuIdEntry> 
             let mut e = *e;
             match e.function {
                 LEAF_FEATURES => {
-                    e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
+                    e.ebx =
+                        (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                     e.ecx |= ECX_HYPERVISOR;
                     // HTT: more than one logical processor in the package.
                     if count > 1 {
@@ -58,9 +59,21 @@ mod tests {
     #[test]
     fn apic_ids_and_hypervisor_bit() {
         let supported = vec![
-            CpuIdEntry { function: 1, ebx: 0xff00_0800, ..Default::default() },
-            CpuIdEntry { function: 0xb, index: 0, ..Default::default() },
-            CpuIdEntry { function: 0xb, index: 1, ..Default::default() },
+            CpuIdEntry {
+                function: 1,
+                ebx: 0xff00_0800,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 0xb,
+                index: 0,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
         ];
         let t = for_vcpu(&supported, 3, 4);
         assert_eq!(t[0].ebx >> 24, 3);

@@ -1,6 +1,6 @@
 //! The guest's physical memory map, as both boot protocols hand it over (e820 entries).
 
-use crate::layout::{EBDA_START, HIGH_RAM_START, MPTABLE_START, MEM_32BIT_GAP_START};
+use crate::layout::{EBDA_START, HIGH_RAM_START, MEM_32BIT_GAP_START, MPTABLE_START};
 
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -64,9 +64,21 @@ mod tests {
         assert_eq!(
             map,
             vec![
-                E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM },
-                E820Entry { addr: MPTABLE_START, size: 0x10000, kind: E820_RESERVED },
-                E820Entry { addr: HIGH_RAM_START, size: (512 << 20) - HIGH_RAM_START, kind: E820_RAM },
+                E820Entry {
+                    addr: 0,
+                    size: EBDA_START,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: MPTABLE_START,
+                    size: 0x10000,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
+                    addr: HIGH_RAM_START,
+                    size: (512 << 20) - HIGH_RAM_START,
+                    kind: E820_RAM
+                },
             ]
         );
     }
@@ -75,12 +87,26 @@ mod tests {
     fn large_guest_map_has_ram_above_4g_and_no_ram_in_the_hole() {
         let map = memory_map(&[(0, 3 << 30), (4 << 30, 5 << 30)]);
         assert_eq!(map.len(), 4);
-        assert_eq!(map[3], E820Entry { addr: 4 << 30, size: 5 << 30, kind: E820_RAM });
-        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 4 << 30,
+                size: 5 << 30,
+                kind: E820_RAM
+            }
+        );
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, (8 << 30) - (HIGH_RAM_START - EBDA_START));
         for e in &map {
             let end = e.addr + e.size;
-            assert!(end <= MEM_32BIT_GAP_START || e.addr >= 4 << 30, "{e:?} overlaps the hole");
+            assert!(
+                end <= MEM_32BIT_GAP_START || e.addr >= 4 << 30,
+                "{e:?} overlaps the hole"
+            );
         }
     }
 }

@@ -36,7 +36,10 @@ pub fn write_zero_page(
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
-    let ram: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
+    let ram: Vec<(u64, u64)> = mem
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect();
     let map = memory_map(&ram);
     let n = map.len().min(params.e820_table.len());
     for (slot, e) in params.e820_table.iter_mut().zip(map.iter()) {
@@ -67,7 +70,13 @@ mod tests {
             thp: false,
         })
         .unwrap();
-        let at = write_zero_page(&mem, setup_header::default(), 42, Some((0x800_0000, 0x1000))).unwrap();
+        let at = write_zero_page(
+            &mem,
+            setup_header::default(),
+            42,
+            Some((0x800_0000, 0x1000)),
+        )
+        .unwrap();
         let p: boot_params = mem.read_obj(at).unwrap();
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
@@ -77,7 +86,9 @@ mod tests {
         assert_eq!(p.e820_entries, 3);
         assert_eq!({ p.e820_table[2].addr }, 0x10_0000);
         // The zero page's e820 table sits at offset 0x2d0 as the boot protocol says.
-        let raw: u64 = mem.read_obj(GuestAddress(ZERO_PAGE_START + 0x2d0 + 2 * 20)).unwrap();
+        let raw: u64 = mem
+            .read_obj(GuestAddress(ZERO_PAGE_START + 0x2d0 + 2 * 20))
+            .unwrap();
         assert_eq!(raw, 0x10_0000);
     }
 }

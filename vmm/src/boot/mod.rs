@@ -103,13 +103,16 @@ pub fn load_payload(
             let start_info = pvh::write_start_info(mem, initramfs)?;
             Ok(EntryPoint::Pvh { entry, start_info })
         }
-        Err(linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::InvalidElfMagicNumber)) => {
-            let result = BzImage::load(mem, None, &mut kernel, high).map_err(BootError::UnknownKernel)?;
-            let header = result
-                .setup_header
-                .ok_or(BootError::UnknownKernel(linux_loader::loader::Error::Bzimage(
+        Err(linux_loader::loader::Error::Elf(
+            linux_loader::loader::elf::Error::InvalidElfMagicNumber,
+        )) => {
+            let result =
+                BzImage::load(mem, None, &mut kernel, high).map_err(BootError::UnknownKernel)?;
+            let header = result.setup_header.ok_or(BootError::UnknownKernel(
+                linux_loader::loader::Error::Bzimage(
                     linux_loader::loader::bzimage::Error::InvalidBzImage,
-                )))?;
+                ),
+            ))?;
             let initramfs = load_initramfs(mem, payload.initramfs.as_deref(), result.kernel_end)?;
             let zero_page = linux::write_zero_page(mem, header, cmdline_size, initramfs)?;
             Ok(EntryPoint::Linux64 {
@@ -143,7 +146,10 @@ fn load_initramfs(
         .map_err(|e| BootError::Initramfs(name.clone(), e))?
         .len();
     let top = low_ram_end(mem);
-    let addr = top.checked_sub(size).ok_or(BootError::InitramfsTooLarge(size))? & !0xfff;
+    let addr = top
+        .checked_sub(size)
+        .ok_or(BootError::InitramfsTooLarge(size))?
+        & !0xfff;
     if addr < kernel_end {
         return Err(BootError::InitramfsTooLarge(size));
     }
@@ -172,7 +178,10 @@ mod tests {
 
     fn payload_from(bytes: &[u8]) -> (tempfile_path::TempPath, PayloadConfig) {
         let path = tempfile_path::TempPath::new();
-        std::fs::File::create(&path.0).unwrap().write_all(bytes).unwrap();
+        std::fs::File::create(&path.0)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
         let p = PayloadConfig {
             kernel: Some(path.0.clone()),
             cmdline: Some("console=ttyS0".into()),
@@ -188,7 +197,9 @@ mod tests {
             pub fn new() -> Self {
                 static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                TempPath(std::env::temp_dir().join(format!("vmm-boot-test-{}-{n}", std::process::id())))
+                TempPath(
+                    std::env::temp_dir().join(format!("vmm-boot-test-{}-{n}", std::process::id())),
+                )
             }
         }
         impl Drop for TempPath {
@@ -201,7 +212,10 @@ mod tests {
     #[test]
     fn garbage_kernel_is_refused() {
         let (_p, payload) = payload_from(&[0x55; 8192]);
-        assert!(matches!(load_payload(&mem(), &payload, 1), Err(BootError::UnknownKernel(_))));
+        assert!(matches!(
+            load_payload(&mem(), &payload, 1),
+            Err(BootError::UnknownKernel(_))
+        ));
     }
 
     #[test]
@@ -211,7 +225,10 @@ mod tests {
             cmdline: None,
             initramfs: None,
         };
-        assert!(matches!(load_payload(&mem(), &payload, 1), Err(BootError::OpenKernel(..))));
+        assert!(matches!(
+            load_payload(&mem(), &payload, 1),
+            Err(BootError::OpenKernel(..))
+        ));
     }
 
     #[test]

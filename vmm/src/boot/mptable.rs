@@ -96,14 +96,28 @@ pub fn build(base: u64, num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     count += 1;
     for irq in 0..ISA_IRQS {
         // ISA IRQ n goes to IOAPIC pin n (the timer's override to pin 2 is the guest's to make).
-        entries.u8(3).u8(0).u16(0).u8(ISA_BUS).u8(irq).u8(ioapic_id).u8(irq);
+        entries
+            .u8(3)
+            .u8(0)
+            .u16(0)
+            .u8(ISA_BUS)
+            .u8(irq)
+            .u8(ioapic_id)
+            .u8(irq);
         count += 1;
     }
     for slot in 1..PCI_SLOTS {
         // INTA# of each PCI slot: level triggered, active low, on IOAPIC pin 16 + slot % 8.
         let source = slot << 2;
         let pin = 16 + slot % 8;
-        entries.u8(3).u8(0).u16(PCI_IRQ_FLAGS).u8(PCI_BUS).u8(source).u8(ioapic_id).u8(pin);
+        entries
+            .u8(3)
+            .u8(0)
+            .u16(PCI_IRQ_FLAGS)
+            .u8(PCI_BUS)
+            .u8(source)
+            .u8(ioapic_id)
+            .u8(pin);
         count += 1;
     }
     // LINT0 = ExtINT (the PIC), LINT1 = NMI, on every local APIC.
@@ -148,7 +162,8 @@ pub fn build(base: u64, num_cpus: u8) -> Result<Vec<u8>, MptableError> {
 /// Writes the MP table for `num_cpus` vCPUs at `base`.
 pub fn setup(mem: &GuestMemoryMmap, base: u64, num_cpus: u8) -> Result<(), MptableError> {
     let bytes = build(base, num_cpus)?;
-    mem.write_slice(&bytes, GuestAddress(base)).map_err(MptableError::Write)
+    mem.write_slice(&bytes, GuestAddress(base))
+        .map_err(MptableError::Write)
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
 //! The PVH boot protocol's `hvm_start_info`, module list and memory map.
 
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::e820::memory_map;
 use super::BootError;
-use crate::layout::{CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START};
+use crate::layout::{
+    CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START,
+};
 use crate::memory::GuestMemoryMmap;
 
 /// `hvm_start_info.magic`.
@@ -16,7 +20,10 @@ pub fn write_start_info(
     mem: &GuestMemoryMmap,
     initramfs: Option<(u64, u64)>,
 ) -> Result<GuestAddress, BootError> {
-    let ram: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
+    let ram: Vec<(u64, u64)> = mem
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect();
     let map = memory_map(&ram);
     let entries = map.len().min(PVH_MEMMAP_MAX_ENTRIES);
     for (i, e) in map.iter().take(entries).enumerate() {
@@ -78,12 +85,27 @@ mod tests {
         assert_eq!(rd64(16), PVH_MODLIST_START);
         assert_eq!(rd64(24), CMDLINE_START);
         assert_eq!(rd64(40), PVH_MEMMAP_START);
-        assert_eq!(rd32(48), 4, "memmap entries: low, reserved BIOS area, high, above 4G");
+        assert_eq!(
+            rd32(48),
+            4,
+            "memmap entries: low, reserved BIOS area, high, above 4G"
+        );
         let last = PVH_MEMMAP_START + 3 * 24;
         assert_eq!(mem.read_obj::<u64>(GuestAddress(last)).unwrap(), 4 << 30);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(last + 8)).unwrap(), 1 << 30);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(last + 8)).unwrap(),
+            1 << 30
+        );
         assert_eq!(mem.read_obj::<u32>(GuestAddress(last + 16)).unwrap(), 1);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(PVH_MODLIST_START)).unwrap(), 0x200_0000);
-        assert_eq!(mem.read_obj::<u64>(GuestAddress(PVH_MODLIST_START + 8)).unwrap(), 0x1234);
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(PVH_MODLIST_START))
+                .unwrap(),
+            0x200_0000
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(PVH_MODLIST_START + 8))
+                .unwrap(),
+            0x1234
+        );
     }
 }

@@ -5,7 +5,9 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::EntryPoint;
-use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START};
+use crate::layout::{
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
+};
 use crate::memory::GuestMemoryMmap;
 
 /// Errors from setting the boot registers.
@@ -42,7 +44,11 @@ fn segment(index: u16) -> SegmentRegister {
     let g = ((d >> 55) & 1) as u8;
     SegmentRegister {
         base: ((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24),
-        limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+        limit: if g == 1 {
+            (limit_raw << 12) | 0xfff
+        } else {
+            limit_raw
+        },
         selector: index * 8,
         type_: ((d >> 40) & 0xf) as u8,
         present: ((d >> 47) & 1) as u8,
@@ -80,7 +86,11 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
 }
 
 /// Sets the boot vCPU's registers for `entry`.
-pub fn setup_boot_vcpu(vcpu: &dyn Vcpu, mem: &GuestMemoryMmap, entry: EntryPoint) -> Result<(), RegsError> {
+pub fn setup_boot_vcpu(
+    vcpu: &dyn Vcpu,
+    mem: &GuestMemoryMmap,
+    entry: EntryPoint,
+) -> Result<(), RegsError> {
     write_gdt(mem)?;
     let mut sregs: SpecialRegisters = vcpu.sregs().map_err(RegsError::Vcpu)?;
     sregs.gdt.base = BOOT_GDT_START;
@@ -140,11 +150,20 @@ mod tests {
     #[test]
     fn segments_decode_their_descriptors() {
         let c64 = segment(1);
-        assert_eq!((c64.selector, c64.type_, c64.l, c64.db, c64.present), (8, 0xb, 1, 0, 1));
+        assert_eq!(
+            (c64.selector, c64.type_, c64.l, c64.db, c64.present),
+            (8, 0xb, 1, 0, 1)
+        );
         let c32 = segment(4);
-        assert_eq!((c32.selector, c32.l, c32.db, c32.limit), (0x20, 0, 1, 0xffff_ffff));
+        assert_eq!(
+            (c32.selector, c32.l, c32.db, c32.limit),
+            (0x20, 0, 1, 0xffff_ffff)
+        );
         let data = segment(2);
-        assert_eq!((data.type_, data.s, data.limit, data.base), (3, 1, 0xffff_ffff, 0));
+        assert_eq!(
+            (data.type_, data.s, data.limit, data.base),
+            (3, 1, 0xffff_ffff, 0)
+        );
         let tss = segment(3);
         assert_eq!((tss.type_, tss.s, tss.present), (0xb, 0, 1));
     }

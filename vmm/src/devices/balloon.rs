@@ -53,15 +53,24 @@ impl BalloonDevice {
         })
         .map_err(|e| DeviceError::Balloon(Box::new(e)))?;
         let handle = balloon.handle();
-        let msi: Arc<dyn MsiVectors> =
-            Arc::new(MsiVectorGroup::new(interrupts.clone(), BALLOON_MSI_VECTORS).map_err(DeviceError::Irq)?);
+        let msi: Arc<dyn MsiVectors> = Arc::new(
+            MsiVectorGroup::new(interrupts.clone(), BALLOON_MSI_VECTORS)
+                .map_err(DeviceError::Irq)?,
+        );
         let slot = segment.next_slot();
         let gsi = intx_gsi(slot);
         let intx = IrqfdLine::new(vm.as_ref(), gsi).map_err(DeviceError::Irq)?;
-        let pci = VirtioPciDevice::new(balloon, memory.clone(), msi, Some((Arc::new(intx), gsi as u8)))
-            .map_err(|e| DeviceError::Balloon(Box::new(e)))?;
+        let pci = VirtioPciDevice::new(
+            balloon,
+            memory.clone(),
+            msi,
+            Some((Arc::new(intx), gsi as u8)),
+        )
+        .map_err(|e| DeviceError::Balloon(Box::new(e)))?;
         let pci = Arc::new(Mutex::new(pci));
-        segment.add_device_at(slot, pci.clone()).map_err(DeviceError::Pci)?;
+        segment
+            .add_device_at(slot, pci.clone())
+            .map_err(DeviceError::Pci)?;
         Ok(BalloonDevice { pci, handle, slot })
     }
 
@@ -82,7 +91,11 @@ impl HintSource for BalloonHintRound {
     }
 
     fn take_ranges(&mut self) -> Vec<(u64, u64)> {
-        self.0.take_ranges().into_iter().map(|r| (r.gpa, r.len)).collect()
+        self.0
+            .take_ranges()
+            .into_iter()
+            .map(|r| (r.gpa, r.len))
+            .collect()
     }
 
     fn wait_stopped(&self, timeout: Duration) -> bool {

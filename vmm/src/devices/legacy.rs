@@ -49,7 +49,10 @@ pub struct Cmos {
 
 impl Default for Cmos {
     fn default() -> Self {
-        Cmos { index: 0, ram: [0; 128] }
+        Cmos {
+            index: 0,
+            ram: [0; 128],
+        }
     }
 }
 
@@ -60,7 +63,11 @@ pub const CMOS_LEN: u64 = 2;
 
 impl BusDevice for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = if offset == 1 { self.ram[usize::from(self.index & 0x7f)] } else { self.index };
+        let v = if offset == 1 {
+            self.ram[usize::from(self.index & 0x7f)]
+        } else {
+            self.index
+        };
         data.fill(v);
     }
 
@@ -93,7 +100,10 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut dev = I8042::new(Box::new(move |e| tx.send(e).unwrap()));
         dev.write(0, &[0xfe]);
-        assert!(rx.try_recv().is_err(), "0xfe on the data port is not a command");
+        assert!(
+            rx.try_recv().is_err(),
+            "0xfe on the data port is not a command"
+        );
         dev.write(4, &[0xfe]);
         assert_eq!(rx.try_recv().unwrap(), LegacyEvent::Reset);
         let mut b = [0xffu8];

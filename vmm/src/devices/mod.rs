@@ -15,8 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::balloon::BalloonDevice;
 use self::bus::{Bus, BusError};
-use self::pci::{PciSegment, PciSetupError};
 use self::legacy::{Cmos, LegacyEvent, Sink, I8042};
+use self::pci::{PciSegment, PciSetupError};
 use self::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::config::VmConfig;
 use crate::interrupts::InterruptManager;
@@ -70,23 +70,38 @@ impl DeviceManager {
     ) -> Result<Self, DeviceError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        pio.insert(Arc::new(Mutex::new(I8042::new(on_reset))), legacy::I8042_BASE, legacy::I8042_LEN)
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(on_reset))),
+            legacy::I8042_BASE,
+            legacy::I8042_LEN,
+        )
+        .map_err(DeviceError::Bus)?;
+        pio.insert(
+            Arc::new(Mutex::new(Cmos::default())),
+            legacy::CMOS_BASE,
+            legacy::CMOS_LEN,
+        )
+        .map_err(DeviceError::Bus)?;
+        pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1)
             .map_err(DeviceError::Bus)?;
-        pio.insert(Arc::new(Mutex::new(Cmos::default())), legacy::CMOS_BASE, legacy::CMOS_LEN)
-            .map_err(DeviceError::Bus)?;
-        pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1).map_err(DeviceError::Bus)?;
 
-        let serial_irq = match serial::output_for(&config.serial).map_err(DeviceError::SerialOutput)? {
-            Some(out) => {
-                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-                vm.register_irqfd(&irq, COM1_IRQ).map_err(DeviceError::Irq)?;
-                let trigger = irq.try_clone().map_err(DeviceError::EventFd)?;
-                pio.insert(Arc::new(Mutex::new(SerialDevice::new(trigger, out))), COM1_BASE, COM1_LEN)
+        let serial_irq =
+            match serial::output_for(&config.serial).map_err(DeviceError::SerialOutput)? {
+                Some(out) => {
+                    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+                    vm.register_irqfd(&irq, COM1_IRQ)
+                        .map_err(DeviceError::Irq)?;
+                    let trigger = irq.try_clone().map_err(DeviceError::EventFd)?;
+                    pio.insert(
+                        Arc::new(Mutex::new(SerialDevice::new(trigger, out))),
+                        COM1_BASE,
+                        COM1_LEN,
+                    )
                     .map_err(DeviceError::Bus)?;
-                Some(irq)
-            }
-            None => None,
-        };
+                    Some(irq)
+                }
+                None => None,
+            };
         let pci = Arc::new(PciSegment::new(vm.clone()));
         pio.insert(
             Arc::new(Mutex::new(pci.config_io())),

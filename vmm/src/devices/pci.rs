@@ -38,7 +38,8 @@ impl PciSegment {
     /// Reserves the next slot (1, 2, ...) for a device about to be added: a device's
     /// interrupt line depends on its slot.
     pub fn next_slot(&self) -> u8 {
-        self.next_slot.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        self.next_slot
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Adds a device in `slot`, assigns its BARs and registers its ioeventfds.
@@ -56,14 +57,21 @@ impl PciSegment {
     pub fn register_ioevents(&self, slot: u8) -> Result<(), PciSetupError> {
         let mut registered = self.registered.lock().unwrap_or_else(|e| e.into_inner());
         for old in registered.remove(&slot).unwrap_or_default() {
-            if let Err(e) = self.vm.unregister_ioevent(&old.event, IoEventAddress::Mmio(old.addr), datamatch(&old)) {
+            if let Err(e) = self.vm.unregister_ioevent(
+                &old.event,
+                IoEventAddress::Mmio(old.addr),
+                datamatch(&old),
+            ) {
                 log::warn!("cannot unregister ioeventfd at {:#x}: {e}", old.addr);
             }
         }
         let Some(device) = self.bus.device(slot) else {
             return Ok(());
         };
-        let events = device.lock().unwrap_or_else(|e| e.into_inner()).ioeventfds();
+        let events = device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ioeventfds();
         let mut done = Vec::new();
         for ev in events {
             if ev.addr == 0 {
@@ -126,7 +134,13 @@ impl BusDevice for ConfigIoPorts {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         for moved in self.conf1.write(offset, data) {
-            log::debug!("PCI slot {} BAR {} moved {:#x} -> {:#x}", moved.slot, moved.bar_index, moved.old_addr, moved.new_addr);
+            log::debug!(
+                "PCI slot {} BAR {} moved {:#x} -> {:#x}",
+                moved.slot,
+                moved.bar_index,
+                moved.old_addr,
+                moved.new_addr
+            );
             if let Err(e) = self.segment.register_ioevents(moved.slot) {
                 log::error!("cannot move ioeventfds of slot {}: {e}", moved.slot);
             }
@@ -139,12 +153,16 @@ pub struct MmioWindow(Arc<PciBus>);
 
 impl BusDevice for MmioWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if !self.0.mmio_read(virtio_devices::MMIO32_WINDOW_START + offset, data) {
+        if !self
+            .0
+            .mmio_read(virtio_devices::MMIO32_WINDOW_START + offset, data)
+        {
             data.fill(0xff);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.0.mmio_write(virtio_devices::MMIO32_WINDOW_START + offset, data);
+        self.0
+            .mmio_write(virtio_devices::MMIO32_WINDOW_START + offset, data);
     }
 }

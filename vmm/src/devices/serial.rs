@@ -35,11 +35,15 @@ pub fn output_for(config: &ConsoleConfig) -> std::io::Result<Option<Box<dyn Writ
         ConsoleOutputMode::Null => Some(Box::new(std::io::sink())),
         ConsoleOutputMode::Tty => Some(Box::new(std::io::stdout())),
         ConsoleOutputMode::File => {
-            let path = config
-                .file
-                .as_ref()
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "serial file= needs a path"))?;
-            Some(Box::new(OpenOptions::new().create(true).append(true).open(path)?))
+            let path = config.file.as_ref().ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "serial file= needs a path",
+                )
+            })?;
+            Some(Box::new(
+                OpenOptions::new().create(true).append(true).open(path)?,
+            ))
         }
     })
 }

@@ -26,7 +26,9 @@ pub mod send;
 
 use thiserror::Error;
 use vm_migration::protocol::ProtocolError;
-use vm_migration::{ErrorReason, HintError, MemoryStreamError, RangeError, TransportError, ZeroPageError};
+use vm_migration::{
+    ErrorReason, HintError, MemoryStreamError, RangeError, TransportError, ZeroPageError,
+};
 
 use crate::vm::VmError;
 

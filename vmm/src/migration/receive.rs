@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use hypervisor::Hypervisor;
 use vm_migration::protocol::{self, Command, RequestHeader};
-use vm_migration::{receive_memory, MigrationListener, MigrationStream, MigrationUrl, RamRegions, Response};
+use vm_migration::{
+    receive_memory, MigrationListener, MigrationStream, MigrationUrl, RamRegions, Response,
+};
 
 use super::MigrationError;
 use crate::config::{ReceiveMigrationData, VmConfig};
@@ -56,7 +58,9 @@ pub fn receive_migration(
             .and_then(|header| receiver.handle(&header, &mut stream));
         match outcome {
             Ok(next) => {
-                Response::Ok.write_to(&mut stream).map_err(MigrationError::Protocol)?;
+                Response::Ok
+                    .write_to(&mut stream)
+                    .map_err(MigrationError::Protocol)?;
                 if let Next::Done = next {
                     // The source may already be gone: the guest runs here now either way.
                     return receiver.vm.ok_or(MigrationError::Unexpected("Complete"));
@@ -78,14 +82,21 @@ pub fn receive_migration(
 }
 
 impl Receiver<'_> {
-    fn handle(&mut self, header: &RequestHeader, stream: &mut MigrationStream) -> Result<Next, MigrationError> {
+    fn handle(
+        &mut self,
+        header: &RequestHeader,
+        stream: &mut MigrationStream,
+    ) -> Result<Next, MigrationError> {
         match header.command() {
             Command::Start => Ok(Next::Continue),
             Command::Config => {
-                let payload = protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
-                let config: VmConfig =
-                    serde_json::from_slice(&payload).map_err(|e| MigrationError::Json("config", e))?;
-                config.validate_resources().map_err(MigrationError::Config)?;
+                let payload =
+                    protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
+                let config: VmConfig = serde_json::from_slice(&payload)
+                    .map_err(|e| MigrationError::Json("config", e))?;
+                config
+                    .validate_resources()
+                    .map_err(MigrationError::Config)?;
                 if self.config.is_some() {
                     return Err(MigrationError::Unexpected("second Config"));
                 }
@@ -93,12 +104,18 @@ impl Receiver<'_> {
                 Ok(Next::Continue)
             }
             Command::MemoryFd => {
-                let socket = stream.as_unix().ok_or(MigrationError::LocalNeedsUnixSocket)?;
-                let regions = protocol::receive_memory_fds(socket, header).map_err(MigrationError::Protocol)?;
+                let socket = stream
+                    .as_unix()
+                    .ok_or(MigrationError::LocalNeedsUnixSocket)?;
+                let regions = protocol::receive_memory_fds(socket, header)
+                    .map_err(MigrationError::Protocol)?;
                 if self.vm.is_some() {
                     return Err(MigrationError::Unexpected("MemoryFd after memory"));
                 }
-                let config = self.config.clone().ok_or(MigrationError::Unexpected("MemoryFd before Config"))?;
+                let config = self
+                    .config
+                    .clone()
+                    .ok_or(MigrationError::Unexpected("MemoryFd before Config"))?;
                 let mem = memory::guest_memory_from_files(regions, &config.memory)
                     .map_err(|e| MigrationError::Vm(crate::vm::VmError::Memory(e)))?;
                 self.build_vm(config, Some(mem))?;
@@ -109,20 +126,28 @@ impl Receiver<'_> {
                 let (Some(vm), Some(ram)) = (&self.vm, &self.ram) else {
                     return Err(MigrationError::Unexpected("Memory"));
                 };
-                receive_memory(vm.memory().as_ref(), ram, header, stream).map_err(MigrationError::Memory)?;
+                receive_memory(vm.memory().as_ref(), ram, header, stream)
+                    .map_err(MigrationError::Memory)?;
                 Ok(Next::Continue)
             }
             Command::State => {
-                let payload = protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
-                let snapshot: VmSnapshot =
-                    serde_json::from_slice(&payload).map_err(|e| MigrationError::Json("state", e))?;
+                let payload =
+                    protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
+                let snapshot: VmSnapshot = serde_json::from_slice(&payload)
+                    .map_err(|e| MigrationError::Json("state", e))?;
                 self.ensure_vm()?;
-                let vm = self.vm.as_mut().ok_or(MigrationError::Unexpected("State"))?;
+                let vm = self
+                    .vm
+                    .as_mut()
+                    .ok_or(MigrationError::Unexpected("State"))?;
                 vm.restore(&snapshot).map_err(MigrationError::Vm)?;
                 Ok(Next::Continue)
             }
             Command::Complete => {
-                let vm = self.vm.as_mut().ok_or(MigrationError::Unexpected("Complete before State"))?;
+                let vm = self
+                    .vm
+                    .as_mut()
+                    .ok_or(MigrationError::Unexpected("Complete before State"))?;
                 if vm.config().memory.thp {
                     memory::advise_huge_pages(vm.memory());
                 }
@@ -135,27 +160,38 @@ impl Receiver<'_> {
 
     fn ensure_vm(&mut self) -> Result<(), MigrationError> {
         if self.vm.is_none() {
-            let config = self.config.clone().ok_or(MigrationError::Unexpected("memory or state before Config"))?;
+            let config = self
+                .config
+                .clone()
+                .ok_or(MigrationError::Unexpected("memory or state before Config"))?;
             self.build_vm(config, None)?;
         }
         Ok(())
     }
 
-    fn build_vm(&mut self, config: VmConfig, mem: Option<Arc<memory::GuestMemoryMmap>>) -> Result<(), MigrationError> {
+    fn build_vm(
+        &mut self,
+        config: VmConfig,
+        mem: Option<Arc<memory::GuestMemoryMmap>>,
+    ) -> Result<(), MigrationError> {
         let vm = match mem {
             Some(mem) => Vm::with_memory(config, mem, self.hypervisor, self.exit_sink.clone()),
             None => {
                 // Fill RAM with 4 KiB pages: huge page faults stall on compaction whenever host
                 // memory is fragmented, which made receiving up to ten times slower here.
                 // Huge pages are advised once the guest's memory has arrived.
-                let receive_config = crate::config::MemoryConfig { thp: false, ..config.memory.clone() };
+                let receive_config = crate::config::MemoryConfig {
+                    thp: false,
+                    ..config.memory.clone()
+                };
                 let mem = memory::create_guest_memory(&receive_config)
                     .map_err(|e| MigrationError::Vm(crate::vm::VmError::Memory(e)))?;
                 Vm::with_memory(config, mem, self.hypervisor, self.exit_sink.clone())
             }
         }
         .map_err(MigrationError::Vm)?;
-        self.ram = Some(RamRegions::from_guest_memory(vm.memory().as_ref()).map_err(MigrationError::Ram)?);
+        self.ram =
+            Some(RamRegions::from_guest_memory(vm.memory().as_ref()).map_err(MigrationError::Ram)?);
         self.vm = Some(vm);
         Ok(())
     }

@@ -93,7 +93,8 @@ impl Sender<'_, '_> {
         let memory = self.vm.memory().clone();
         self.report.memory_bytes = crate::memory::ram_size(&memory);
         self.request(Command::Start, &[])?;
-        let config = serde_json::to_vec(self.vm.config()).map_err(|e| MigrationError::Json("config", e))?;
+        let config =
+            serde_json::to_vec(self.vm.config()).map_err(|e| MigrationError::Json("config", e))?;
         self.request(Command::Config, &config)?;
 
         if data.local {
@@ -127,7 +128,9 @@ impl Sender<'_, '_> {
         use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
         let mut regions = Vec::new();
         for region in memory.iter() {
-            let file = region.file_offset().ok_or(MigrationError::LocalNeedsSharedMemory)?;
+            let file = region
+                .file_offset()
+                .ok_or(MigrationError::LocalNeedsSharedMemory)?;
             regions.push(protocol::MemoryFdRegion {
                 gpa: region.start_addr().raw_value(),
                 size: region.len(),
@@ -147,7 +150,12 @@ impl Sender<'_, '_> {
             .map_err(MigrationError::Protocol)
     }
 
-    fn precopy(&mut self, memory: &GuestMemoryMmap, data: &SendMigrationData, start: Instant) -> Result<(), MigrationError> {
+    fn precopy(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        data: &SendMigrationData,
+        start: Instant,
+    ) -> Result<(), MigrationError> {
         let ram = RamRegions::from_guest_memory(memory).map_err(MigrationError::Ram)?;
         // 1. Dirty logging first: from here on every guest write shows up in a later sync.
         self.vm.start_dirty_log().map_err(MigrationError::Vm)?;
@@ -155,9 +163,11 @@ impl Sender<'_, '_> {
         // 2. Only then ask for hints, and apply them to round 0 (all of RAM).
         let mut round0 = HintRound::new(&ram, DirtyLoggingStarted::confirm());
         self.report.hints = match self.hinter.filter(|_| data.free_page_hints) {
-            Some(hinter) if hinter.mode() != HintMode::None => {
-                self.collect_hints(hinter, &mut round0, Duration::from_millis(data.hint_wait_ms))
-            }
+            Some(hinter) if hinter.mode() != HintMode::None => self.collect_hints(
+                hinter,
+                &mut round0,
+                Duration::from_millis(data.hint_wait_ms),
+            ),
             _ => HintsReport::default(),
         };
         let round0 = round0.finish().map_err(MigrationError::Round)?;
@@ -171,26 +181,48 @@ impl Sender<'_, '_> {
         let mut pending = loop {
             let round = self.sync(&ram)?;
             let estimate_ms = round.dirty_pages() as f64 * 4096.0 / self.bandwidth * 1000.0;
-            if estimate_ms <= data.downtime_ms as f64 || dirty_rounds >= MAX_DIRTY_ROUNDS || Instant::now() >= deadline {
+            if estimate_ms <= data.downtime_ms as f64
+                || dirty_rounds >= MAX_DIRTY_ROUNDS
+                || Instant::now() >= deadline
+            {
                 break round;
             }
-            self.send_round(memory, round.into_table().map_err(MigrationError::Round)?, zero.as_mut())?;
+            self.send_round(
+                memory,
+                round.into_table().map_err(MigrationError::Round)?,
+                zero.as_mut(),
+            )?;
             dirty_rounds += 1;
         };
         // 5. Pause; what was written since the last sync joins the last round.
         let pause_at = Instant::now();
         self.pause()?;
-        for (i, words) in self.vm.dirty_log().map_err(MigrationError::Vm)?.iter().enumerate() {
+        for (i, words) in self
+            .vm
+            .dirty_log()
+            .map_err(MigrationError::Vm)?
+            .iter()
+            .enumerate()
+        {
             pending.add_log(i, words).map_err(MigrationError::Round)?;
         }
-        self.send_round(memory, pending.into_table().map_err(MigrationError::Round)?, zero.as_mut())?;
+        self.send_round(
+            memory,
+            pending.into_table().map_err(MigrationError::Round)?,
+            zero.as_mut(),
+        )?;
         // The downtime so far; the state transfer adds to it in `run`.
         self.report.downtime_ms = duration_ms(pause_at.elapsed());
         Ok(())
     }
 
     /// Asks the guest for hints and applies them to round 0, waiting at most `wait` for STOP.
-    fn collect_hints(&mut self, hinter: &dyn FreePageHinter, round0: &mut HintRound, wait: Duration) -> HintsReport {
+    fn collect_hints(
+        &mut self,
+        hinter: &dyn FreePageHinter,
+        round0: &mut HintRound,
+        wait: Duration,
+    ) -> HintsReport {
         let asked = Instant::now();
         let mut session = match hinter.start_round() {
             Ok(s) => s,
@@ -218,7 +250,9 @@ impl Sender<'_, '_> {
                 break;
             }
             if left.is_zero() {
-                log::info!("the guest did not finish hinting within {wait:?}; going on without the rest");
+                log::info!(
+                    "the guest did not finish hinting within {wait:?}; going on without the rest"
+                );
                 hinter.stop_round();
                 break;
             }
@@ -229,7 +263,13 @@ impl Sender<'_, '_> {
     /// One dirty-log sync of KVM's log and the VMM's own writes.
     fn sync(&self, ram: &RamRegions) -> Result<DirtyRound, MigrationError> {
         let mut round = DirtyRound::new(ram);
-        for (i, words) in self.vm.dirty_log().map_err(MigrationError::Vm)?.iter().enumerate() {
+        for (i, words) in self
+            .vm
+            .dirty_log()
+            .map_err(MigrationError::Vm)?
+            .iter()
+            .enumerate()
+        {
             round.add_log(i, words).map_err(MigrationError::Round)?;
         }
         Ok(round)
@@ -245,7 +285,9 @@ impl Sender<'_, '_> {
         let started = Instant::now();
         let table = match zero {
             Some(filter) => {
-                let split = filter.filter(memory, &table).map_err(MigrationError::ZeroScan)?;
+                let split = filter
+                    .filter(memory, &table)
+                    .map_err(MigrationError::ZeroScan)?;
                 self.report.zero_pages_skipped += split.zero_pages;
                 split.to_send
             }
