@@ -164,12 +164,12 @@ last_seq() { awk 'match($0, /guest: verify ok seq=[0-9]+/) { n = substr($0, RSTA
 bad_lines() { grep -aE 'guest: (verify FAILED|FAULT|PANIC|FATAL)' "$1" 2>/dev/null || true; }
 
 # Rss of the whole process, and of its largest mapping (the guest RAM), in bytes
-rss_bytes() { awk '/^Rss:/ {print $2 * 1024; exit}' "/proc/$1/smaps_rollup" 2>/dev/null || echo null; }
+rss_bytes() { awk '/^Rss:/ {printf "%.0f\n", $2 * 1024; exit}' "/proc/$1/smaps_rollup" 2>/dev/null || echo null; }
 guest_rss_bytes() {
     awk -v want="$2" '
         /^[0-9a-f]+-[0-9a-f]+ / { inmap = 0 }
         /^Size:/ { inmap = ($2 * 1024 >= want) }
-        /^Rss:/ && inmap { print $2 * 1024; found = 1; exit }
+        /^Rss:/ && inmap { printf "%.0f\n", $2 * 1024; found = 1; exit }
         END { if (!found) print "null" }' "/proc/$1/smaps" 2>/dev/null || echo null
 }
 
@@ -233,7 +233,7 @@ run_one() {
         stop_pair
         local integ=unknown
         if bad_lines "$d/serial.log" | grep -q .; then integ=FAILED; fi
-        write_row "${meta[@]}" '{"status":"not-ready"}' 0 0 0 null null null null null null "$integ"
+        write_row "${meta[@]}" '{"status":"not-ready"}' 0 0 0 null null null null null null "$integ" || true
         return
     fi
 
@@ -327,7 +327,7 @@ except ValueError: print("error")' "$st")
             say "raw bandwidth of $bytes bytes skipped: not enough free memory"
         fi
     fi
-    write_row "${meta[@]}" "$st" "$seq_before" "$src_seq" "$dst_seq" "$rss" "$grss" "$rss2" "$raw" "$src_exit" "$dst_exit" "$integrity"
+    write_row "${meta[@]}" "$st" "$seq_before" "$src_seq" "$dst_seq" "$rss" "$grss" "$rss2" "$raw" "$src_exit" "$dst_exit" "$integrity" || say "could not write the row to $out"
 }
 
 # write_row DIR GIB CASE TRANSPORT MODE RUN CMDLINE GUEST_HINT HOT_MIB REPORT_JSON SEQ_BEFORE SRC_SEQ
@@ -339,7 +339,7 @@ import json, os, sys, time
  seq_before, src_seq, dst_seq, rss, grss, rss2, raw, src_exit, dst_exit, integ) = sys.argv[1:]
 st = json.loads(st)
 hints = st.get("hints") or {}
-num = lambda v: None if v in ("null", "", None) else int(v)
+num = lambda v: None if v in ("null", "", None) else int(float(v))
 try:
     raw = json.loads(raw) if raw not in ("null", "") else {}
 except ValueError:
