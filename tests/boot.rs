@@ -75,3 +75,57 @@ fn boots_4g_with_ram_above_4g() {
     assert!(vmm.remote(&["shutdown"]).status.success());
     assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);
 }
+
+#[test]
+fn create_and_boot_through_the_api() {
+    let mut vmm = Vmm::waiting("api-create");
+    let config = serde_json::json!({
+        "cpus": {"boot_vcpus": 2},
+        "memory": {"size": 1u64 << 30},
+        "payload": {"kernel": common::guest_elf(), "cmdline": "used=32"},
+        "serial": {"mode": "File", "file": vmm.serial},
+    });
+    let path = vmm.scratch.path("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    assert_eq!(info_state_or_error(&vmm), None, "no VM before vm.create");
+    let out = vmm.remote(&["create", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(info_state(&vmm), "Created");
+    assert!(vmm.remote(&["boot"]).status.success());
+    vmm.wait_line("guest: ready", READY);
+    vmm.wait_seq_above(0, READY);
+    assert_eq!(info_state(&vmm), "Running");
+    // A VM made through the API outlives its shutdown; the VMM waits for more requests.
+    assert!(vmm.remote(&["shutdown"]).status.success());
+    assert_eq!(info_state(&vmm), "Shutdown");
+    assert!(vmm.running());
+    assert!(vmm.remote(&["delete"]).status.success());
+    assert_eq!(info_state_or_error(&vmm), None);
+    assert!(vmm.remote(&["ping"]).status.success());
+    assert!(vmm.remote(&["shutdown-vmm"]).status.success());
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);
+}
+
+/// `Some(state)`, or `None` when vm.info answers an error (no VM).
+fn info_state_or_error(vmm: &Vmm) -> Option<String> {
+    let out = vmm.remote(&["info"]);
+    out.status.success().then(|| info_state(vmm))
+}
+
+#[test]
+fn send_migration_to_nowhere_fails_and_the_guest_runs_on() {
+    let mut vmm = Vmm::boot("mig-nowhere", "1G", "used=32", &[]);
+    vmm.wait_line("guest: ready", READY);
+    let seq = vmm.wait_seq_above(0, READY);
+    let nowhere = vmm.scratch.path("nobody-listens.sock");
+    let out = vmm.remote(&["send-migration", &format!("unix:{}", nowhere.display())]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let bad = vmm.remote(&["send-migration", "destination_url=http://example"]);
+    assert!(!bad.status.success());
+    assert_eq!(info_state(&vmm), "Running");
+    vmm.wait_seq_above(seq, Duration::from_secs(20));
+    assert!(vmm.remote(&["shutdown"]).status.success());
+    assert_eq!(vmm.wait_exit(Duration::from_secs(10)), 0);
+}
