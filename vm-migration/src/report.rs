@@ -85,6 +85,29 @@ pub struct MigrationReport {
     pub zero_pages_skipped: u64,
     /// Free page hinting.
     pub hints: HintsReport,
+    /// Where the time went.
+    #[serde(default)]
+    pub phases: PhaseTimes,
+}
+
+/// Milliseconds spent in each phase of a migration, in order (a field added to the contract's
+/// report: what `total_ms` is made of).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    /// Connecting, Start and Config.
+    pub setup_ms: f64,
+    /// Turning dirty logging on.
+    pub dirty_log_start_ms: f64,
+    /// The hint round, from request to STOP (or the time limit).
+    pub hints_ms: f64,
+    /// Building round 0 and scanning it for zero pages.
+    pub round0_build_ms: f64,
+    /// Sending round 0 and its acknowledgement.
+    pub round0_send_ms: f64,
+    /// Dirty-log rounds while the guest runs.
+    pub dirty_rounds_ms: f64,
+    /// From the pause to the destination's acknowledgement of Complete.
+    pub stopped_ms: f64,
 }
 
 /// A duration in (fractional) milliseconds, as the report uses.
@@ -134,6 +157,8 @@ mod tests {
             "pages_sent",
             "zero_pages_skipped",
             "hints",
+            // Added to the contract's fields (adding is allowed; removing is not).
+            "phases",
         ];
         let mut sorted = keys.clone();
         sorted.sort_unstable();

@@ -71,6 +71,12 @@ pub fn send_migration(
     }
 }
 
+/// How long the parts of one round took.
+struct RoundTimes {
+    /// Writing the round and waiting for its acknowledgement (the zero scan excluded).
+    send_ms: f64,
+}
+
 struct Sender<'a, 'h> {
     vm: &'a mut Vm,
     stream: CountingStream<MigrationStream>,
@@ -96,6 +102,7 @@ impl Sender<'_, '_> {
         let config =
             serde_json::to_vec(self.vm.config()).map_err(|e| MigrationError::Json("config", e))?;
         self.request(Command::Config, &config)?;
+        self.report.phases.setup_ms = duration_ms(start.elapsed());
 
         if data.local {
             self.send_memory_files(&memory)?;
@@ -111,6 +118,7 @@ impl Sender<'_, '_> {
         // The destination now owns the guest, and the hinted blocks with it.
         self.hints_held = false;
         self.report.downtime_ms += duration_ms(pause_at.elapsed());
+        self.report.phases.stopped_ms = self.report.downtime_ms;
         self.report.total_ms = duration_ms(start.elapsed());
         self.report.wire_bytes = self.stream.bytes_written();
         Ok(())
@@ -158,8 +166,10 @@ impl Sender<'_, '_> {
     ) -> Result<(), MigrationError> {
         let ram = RamRegions::from_guest_memory(memory).map_err(MigrationError::Ram)?;
         // 1. Dirty logging first: from here on every guest write shows up in a later sync.
+        let phase = Instant::now();
         self.vm.start_dirty_log().map_err(MigrationError::Vm)?;
         self.logging = true;
+        self.report.phases.dirty_log_start_ms = duration_ms(phase.elapsed());
         // 2. Only then ask for hints, and apply them to round 0 (all of RAM).
         let mut round0 = HintRound::new(&ram, DirtyLoggingStarted::confirm());
         self.report.hints = match self.hinter.filter(|_| data.free_page_hints) {
@@ -170,10 +180,15 @@ impl Sender<'_, '_> {
             ),
             _ => HintsReport::default(),
         };
+        self.report.phases.hints_ms = self.report.hints.wait_ms;
+        let phase = Instant::now();
         let round0 = round0.finish().map_err(MigrationError::Round)?;
         let mut zero = data.zero_pages.then(|| ZeroPageFilter::new(&ram));
         // 3. Round 0.
-        self.send_round(memory, round0.table, zero.as_mut())?;
+        let build_ms = self.send_round(memory, round0.table, zero.as_mut())?;
+        self.report.phases.round0_build_ms = duration_ms(phase.elapsed()) - build_ms.send_ms;
+        self.report.phases.round0_send_ms = build_ms.send_ms;
+        let phase = Instant::now();
 
         // 4. Dirty rounds until the rest fits the downtime budget, or time is up.
         let deadline = start + Duration::from_secs(data.timeout_s);
@@ -194,6 +209,7 @@ impl Sender<'_, '_> {
             )?;
             dirty_rounds += 1;
         };
+        self.report.phases.dirty_rounds_ms = duration_ms(phase.elapsed());
         // 5. Pause; what was written since the last sync joins the last round.
         let pause_at = Instant::now();
         self.pause()?;
@@ -281,7 +297,7 @@ impl Sender<'_, '_> {
         memory: &GuestMemoryMmap,
         table: MemoryRangeTable,
         zero: Option<&mut ZeroPageFilter>,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<RoundTimes, MigrationError> {
         let started = Instant::now();
         let table = match zero {
             Some(filter) => {
@@ -319,7 +335,9 @@ impl Sender<'_, '_> {
             table.total_pages(),
             secs * 1000.0
         );
-        Ok(())
+        Ok(RoundTimes {
+            send_ms: duration_ms(started.elapsed() - filtered),
+        })
     }
 
     /// Undoes what a failed migration changed here: the guest runs on, with its memory intact.
