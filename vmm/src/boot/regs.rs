@@ -102,16 +102,13 @@ pub fn setup_boot_vcpu(
         rflags: 0x2,
         ..Default::default()
     };
+    let data = segment(2);
+    for seg in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
+        *seg = data;
+    }
     match entry {
         EntryPoint::Pvh { entry, start_info } => {
-            let code = segment(4);
-            let data = segment(2);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
+            sregs.cs = segment(4);
             sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
             sregs.cr4 = 0;
             sregs.efer = 0;
@@ -120,14 +117,7 @@ pub fn setup_boot_vcpu(
         }
         EntryPoint::Linux64 { entry, zero_page } => {
             write_page_tables(mem)?;
-            let code = segment(1);
-            let data = segment(2);
-            sregs.cs = code;
-            sregs.ds = data;
-            sregs.es = data;
-            sregs.fs = data;
-            sregs.gs = data;
-            sregs.ss = data;
+            sregs.cs = segment(1);
             sregs.cr3 = PML4_START;
             sregs.cr4 = X86_CR4_PAE;
             sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;

@@ -213,15 +213,7 @@ impl Sender<'_, '_> {
         // 5. Pause; what was written since the last sync joins the last round.
         let pause_at = Instant::now();
         self.pause()?;
-        for (i, words) in self
-            .vm
-            .dirty_log()
-            .map_err(MigrationError::Vm)?
-            .iter()
-            .enumerate()
-        {
-            pending.add_log(i, words).map_err(MigrationError::Round)?;
-        }
+        self.add_dirty_log(&mut pending)?;
         self.send_round(
             memory,
             pending.into_table().map_err(MigrationError::Round)?,
@@ -279,16 +271,17 @@ impl Sender<'_, '_> {
     /// One dirty-log sync of KVM's log and the VMM's own writes.
     fn sync(&self, ram: &RamRegions) -> Result<DirtyRound, MigrationError> {
         let mut round = DirtyRound::new(ram);
-        for (i, words) in self
-            .vm
-            .dirty_log()
-            .map_err(MigrationError::Vm)?
-            .iter()
-            .enumerate()
-        {
+        self.add_dirty_log(&mut round)?;
+        Ok(round)
+    }
+
+    /// Adds what was written since the last sync to `round`.
+    fn add_dirty_log(&self, round: &mut DirtyRound) -> Result<(), MigrationError> {
+        let logs = self.vm.dirty_log().map_err(MigrationError::Vm)?;
+        for (i, words) in logs.iter().enumerate() {
             round.add_log(i, words).map_err(MigrationError::Round)?;
         }
-        Ok(round)
+        Ok(())
     }
 
     /// Sends one round (less zero pages the destination never received) and waits for the ack.
