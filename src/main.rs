@@ -13,7 +13,7 @@ use vmm::config::{
 };
 
 use cli_error::{handle_clap_error, one_line, ClapOutcome};
-use vmm::{start_vmm, VmmParams};
+use vmm::{start_vmm, SeccompMode, VmmParams};
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -73,6 +73,14 @@ struct Cli {
     /// More logging: -v warnings, -vv info, -vvv debug, -vvvv trace
     #[arg(short = 'v', action = ArgAction::Count)]
     verbose: u8,
+    /// Seccomp filters on the VMM's threads
+    #[arg(
+        long,
+        value_name = "true|false|log",
+        help = "Seccomp filters: true (default: a forbidden call kills the process), \
+                false (none) or log (the kernel logs forbidden calls)"
+    )]
+    seccomp: Option<String>,
 }
 
 fn main() {
@@ -100,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         .map(parse_api_socket)
         .transpose()?;
     let vm_config = vm_config(&cli)?;
+    let seccomp: SeccompMode = cli.seccomp.as_deref().unwrap_or("true").parse()?;
     if api_socket.is_none() && vm_config.is_none() {
         bail!("nothing to do: give --kernel to boot a VM, or --api-socket to wait for requests");
     }
@@ -110,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     Ok(start_vmm(VmmParams {
         api_socket,
         vm_config,
+        seccomp,
     })?)
 }
 

@@ -76,7 +76,7 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicB
 
 pub use balloon::{
     Balloon, BalloonConfig, BalloonCounters, BalloonError, BalloonHandle, BalloonState,
-    BalloonStats, HintMode, HintRange, HintRound, HintState, HintStatus,
+    BalloonStats, HintMode, HintRange, HintRound, HintState, HintStatus, WorkerStartHook,
 };
 pub use interrupt::{
     InterruptError, IntxLine, MsiMessage, MsiVectors, VirtioInterrupt, VirtioInterruptType,

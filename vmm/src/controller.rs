@@ -11,6 +11,7 @@ use thiserror::Error;
 use crate::api::{self, ApiError, ApiRequest, ApiResult};
 use crate::config::{HintAction, VmConfig};
 use crate::migration;
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::VcpuExitEvent;
 use crate::vm::{Vm, VmError, VmState};
 
@@ -29,6 +30,9 @@ pub enum VmmError {
     /// The VM given on the command line could not be built or booted.
     #[error("cannot start the VM")]
     Vm(#[source] VmError),
+    /// The VMM thread's seccomp filter could not be installed.
+    #[error("cannot filter the VMM thread")]
+    Seccomp(#[source] seccomp::SeccompError),
 }
 
 /// How the process was started.
@@ -38,6 +42,8 @@ pub struct VmmParams {
     pub api_socket: Option<PathBuf>,
     /// A VM to build and boot at once (from `--kernel` and friends).
     pub vm_config: Option<VmConfig>,
+    /// Whether the VMM, API, vCPU and balloon worker threads run under seccomp filters.
+    pub seccomp: SeccompMode,
 }
 
 /// What reaches the VMM thread.
@@ -58,6 +64,8 @@ pub struct Vmm {
     exit_with_vm: bool,
     /// Set once the VM has been migrated away: the process ends after answering.
     migrated: bool,
+    /// Filters for the threads of the VMs it creates.
+    seccomp: SeccompMode,
 }
 
 /// Runs the VMM until it is told to stop; returns the process exit code.
@@ -70,6 +78,7 @@ pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
         events_tx: tx.clone(),
         exit_with_vm: params.vm_config.is_some(),
         migrated: false,
+        seccomp: params.seccomp,
     };
     if let Some(path) = &params.api_socket {
         let api_tx = tx.clone();
@@ -82,12 +91,14 @@ pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
                 .recv()
                 .map_err(|_| ApiError::internal_msg("the VMM is shutting down"))?
         });
-        api::start_http_server(path, handler).map_err(VmmError::Api)?;
+        api::start_http_server(path, handler, params.seccomp).map_err(VmmError::Api)?;
     }
     if let Some(config) = params.vm_config {
         vmm.create_vm(config).map_err(VmmError::Vm)?;
         vmm.boot_vm().map_err(VmmError::Vm)?;
     }
+    // From here on this thread serves API requests and reads migration streams.
+    seccomp::apply(ThreadKind::Vmm, params.seccomp).map_err(VmmError::Seccomp)?;
     let code = vmm.run(rx);
     if let Some(path) = &params.api_socket {
         let _ = std::fs::remove_file(path);
@@ -116,7 +127,12 @@ impl Vmm {
     }
 
     fn create_vm(&mut self, config: VmConfig) -> Result<(), VmError> {
-        let vm = Vm::new(config, self.hypervisor.as_ref(), self.exit_sink())?;
+        let vm = Vm::new_with_seccomp(
+            config,
+            self.hypervisor.as_ref(),
+            self.exit_sink(),
+            self.seccomp,
+        )?;
         self.vm = Some(vm);
         Ok(())
     }
@@ -270,8 +286,13 @@ impl Vmm {
                 if self.vm.is_some() {
                     return Err(ApiError::InvalidState("a VM already exists".into()));
                 }
-                let vm = migration::receive::receive_migration(&data, self.hypervisor.as_ref(), self.exit_sink())
-                    .map_err(|e| ApiError::internal("incoming migration failed", e))?;
+                let vm = migration::receive::receive_migration(
+                    &data,
+                    self.hypervisor.as_ref(),
+                    self.exit_sink(),
+                    self.seccomp,
+                )
+                .map_err(|e| ApiError::internal("incoming migration failed", e))?;
                 self.vm = Some(vm);
                 self.exit_with_vm = true;
                 Ok(None)

@@ -2,7 +2,8 @@
 //!
 //! Threads: the VMM thread runs [`controller::Vmm`], which owns the VM and serves every request
 //! in turn; the `http-server` thread parses API requests and hands them over; one thread per
-//! vCPU runs the guest.
+//! vCPU runs the guest; the balloon's worker thread serves its queues. Each of them runs under a
+//! seccomp filter ([`seccomp`]).
 
 pub mod api;
 pub mod boot;
@@ -13,8 +14,10 @@ pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
 
 pub use controller::{start_vmm, VmmError, VmmParams};
+pub use seccomp::SeccompMode;

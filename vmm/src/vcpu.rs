@@ -9,6 +9,7 @@ use hypervisor::{Vcpu, VcpuState, VmExit};
 use thiserror::Error;
 
 use crate::devices::bus::Bus;
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 
 /// Errors from controlling vCPU threads.
 #[derive(Debug, Error)]
@@ -133,8 +134,15 @@ impl VcpuManager {
         self.vcpus.len()
     }
 
-    /// Starts a thread per vCPU. With `paused`, they park before their first run.
-    pub fn start(&mut self, handlers: ExitHandlers, events: ExitSink, paused: bool) -> Result<(), VcpuError> {
+    /// Starts a thread per vCPU, each under the vCPU seccomp filter as `seccomp` says. With
+    /// `paused`, they park before their first run.
+    pub fn start(
+        &mut self,
+        handlers: ExitHandlers,
+        events: ExitSink,
+        paused: bool,
+        seccomp: SeccompMode,
+    ) -> Result<(), VcpuError> {
         install_kick_handler();
         if paused {
             self.control.lock().request = Request::Pause;
@@ -143,7 +151,7 @@ impl VcpuManager {
             let (vcpu, control, handlers, events) = (vcpu.clone(), self.control.clone(), handlers.clone(), events.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(id, &vcpu, &control, &handlers, &events))
+                .spawn(move || vcpu_loop(id, &vcpu, &control, &handlers, &events, seccomp))
                 .map_err(VcpuError::Spawn)?;
             let tid = std::os::unix::thread::JoinHandleExt::as_pthread_t(&handle);
             self.threads.push((handle, tid));
@@ -254,8 +262,15 @@ fn vcpu_loop(
     control: &Control,
     handlers: &ExitHandlers,
     events: &ExitSink,
+    seccomp: SeccompMode,
 ) {
     let mut finished = false;
+    if let Err(e) = seccomp::apply(ThreadKind::Vcpu, seccomp) {
+        // Never run the guest unfiltered: report and wait to be stopped.
+        let why = crate::api::error_chain(&e);
+        events(VcpuExitEvent::Failed(format!("vcpu{id}: {why}")));
+        finished = true;
+    }
     loop {
         {
             let mut state = control.lock();

@@ -15,6 +15,7 @@ use crate::devices::legacy::LegacyEvent;
 use crate::devices::{DeviceError, DeviceManager};
 use crate::interrupts::InterruptManager;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::seccomp::SeccompMode;
 use crate::vcpu::{ExitHandlers, ExitSink, VcpuError, VcpuExitEvent, VcpuManager};
 
 /// Errors from building or driving a VM.
@@ -106,6 +107,7 @@ pub struct Vm {
     vcpus: VcpuManager,
     state: VmState,
     exit_sink: ExitSink,
+    seccomp: SeccompMode,
 }
 
 impl Vm {
@@ -116,16 +118,29 @@ impl Vm {
         hypervisor: &dyn Hypervisor,
         exit_sink: ExitSink,
     ) -> Result<Self, VmError> {
-        let memory = memory::create_guest_memory(&config.memory).map_err(VmError::Memory)?;
-        Self::with_memory(config, memory, hypervisor, exit_sink)
+        Self::new_with_seccomp(config, hypervisor, exit_sink, SeccompMode::Enabled)
     }
 
-    /// Like [`Vm::new`], with guest memory made elsewhere (shared with a migration source, say).
+    /// Like [`Vm::new`], with its vCPU and balloon worker threads under seccomp filters as
+    /// `seccomp` says ([`Vm::new`] enables them).
+    pub fn new_with_seccomp(
+        config: VmConfig,
+        hypervisor: &dyn Hypervisor,
+        exit_sink: ExitSink,
+        seccomp: SeccompMode,
+    ) -> Result<Self, VmError> {
+        let memory = memory::create_guest_memory(&config.memory).map_err(VmError::Memory)?;
+        Self::with_memory(config, memory, hypervisor, exit_sink, seccomp)
+    }
+
+    /// Like [`Vm::new_with_seccomp`], with guest memory made elsewhere (shared with a migration
+    /// source, say).
     pub fn with_memory(
         config: VmConfig,
         memory: Arc<GuestMemoryMmap>,
         hypervisor: &dyn Hypervisor,
         exit_sink: ExitSink,
+        seccomp: SeccompMode,
     ) -> Result<Self, VmError> {
         let vm = hypervisor.create_vm().map_err(VmError::Create)?;
         memory::register_slots(vm.as_ref(), &memory, false).map_err(VmError::Memory)?;
@@ -140,6 +155,7 @@ impl Vm {
             Box::new(move |e| match e {
                 LegacyEvent::Reset => reset_sink(VcpuExitEvent::Reset),
             }),
+            seccomp,
         )
         .map_err(VmError::Devices)?;
 
@@ -162,6 +178,7 @@ impl Vm {
             vcpus: VcpuManager::new(vcpus),
             state: VmState::Created,
             exit_sink,
+            seccomp,
         })
     }
 
@@ -208,7 +225,7 @@ impl Vm {
             .ok_or(VmError::InvalidState(self.state))?
             .map_err(VmError::Regs)?;
         self.vcpus
-            .start(self.handlers(), self.exit_sink.clone(), false)
+            .start(self.handlers(), self.exit_sink.clone(), false, self.seccomp)
             .map_err(VmError::Vcpu)?;
         self.state = VmState::Running;
         Ok(())
@@ -295,7 +312,7 @@ impl Vm {
             .map_err(VmError::Hypervisor)?;
         self.vcpus.restore(&snapshot.vcpus).map_err(VmError::Vcpu)?;
         self.vcpus
-            .start(self.handlers(), self.exit_sink.clone(), true)
+            .start(self.handlers(), self.exit_sink.clone(), true, self.seccomp)
             .map_err(VmError::Vcpu)?;
         self.state = VmState::Paused;
         Ok(())

@@ -67,10 +67,16 @@ impl BalloonShared {
     }
 }
 
+/// Run first thing on the balloon's worker thread, before it touches the queues: the VMM uses
+/// it to install the thread's seccomp filter. If it fails, the worker does not run (the error is
+/// logged and the device stays idle until it is reset).
+pub type WorkerStartHook = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
 /// The virtio-balloon device.
 pub struct Balloon {
     shared: Arc<BalloonShared>,
     worker: Option<JoinHandle<()>>,
+    on_worker_start: Option<WorkerStartHook>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -127,7 +133,13 @@ impl Balloon {
         Ok(Balloon {
             shared: Arc::new(shared),
             worker: None,
+            on_worker_start: None,
         })
+    }
+
+    /// Sets the hook run on each new worker thread before it starts (see [`WorkerStartHook`]).
+    pub fn set_on_worker_start(&mut self, hook: Option<WorkerStartHook>) {
+        self.on_worker_start = hook;
     }
 
     /// A handle for the VMM's other threads.
@@ -264,9 +276,18 @@ impl VirtioDevice for Balloon {
         queues: Vec<VirtioQueue>,
     ) -> Result<(), VirtioDeviceError> {
         let worker = self.prepare_worker(mem, interrupt, queues)?;
+        let on_start = self.on_worker_start.clone();
         let handle = std::thread::Builder::new()
             .name("balloon-worker".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if let Some(hook) = on_start {
+                    if let Err(e) = hook() {
+                        error!("balloon: the worker's start hook failed, so it does not run: {e}");
+                        return;
+                    }
+                }
+                worker.run()
+            })
             .map_err(VirtioDeviceError::SpawnWorker)?;
         self.worker = Some(handle);
         Ok(())

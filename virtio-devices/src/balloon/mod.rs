@@ -27,7 +27,7 @@ mod worker;
 #[cfg(test)]
 mod tests;
 
-pub use device::{Balloon, BalloonHandle};
+pub use device::{Balloon, BalloonHandle, WorkerStartHook};
 pub use hinting::{HintMode, HintRange, HintRound, HintState, HintStatus};
 pub use state::{BalloonCounters, BalloonState, HintingState};
 pub use stats::BalloonStats;

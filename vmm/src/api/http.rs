@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use super::{routes, ApiError, ApiRequest, ApiResult};
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_SIZE: usize = 64 * 1024;
@@ -86,6 +87,9 @@ pub enum HttpServerError {
     /// The server thread cannot be spawned.
     #[error("cannot start the http-server thread")]
     Spawn(#[source] io::Error),
+    /// The server thread cannot install its seccomp filter (it then serves nothing).
+    #[error("cannot filter the http-server thread")]
+    Seccomp(#[source] SeccompError),
 }
 
 /// Limits applied to each request; tests shorten them.
@@ -105,7 +109,8 @@ impl Default for Limits {
 }
 
 /// Binds the API socket at `socket_path` (mode 0600) and serves it on a new thread named
-/// `http-server`, passing each decoded request to `handler`.
+/// `http-server`, under its seccomp filter as `seccomp` says, passing each decoded request to
+/// `handler`.
 ///
 /// A socket file left behind by a dead process is removed first; a live one, or a file that is
 /// not a socket, is an error. `vmm.shutdown` is answered (204) before the handler sees it; the
@@ -113,21 +118,42 @@ impl Default for Limits {
 pub fn start_http_server(
     socket_path: &Path,
     handler: ApiHandler,
+    seccomp: SeccompMode,
 ) -> Result<JoinHandle<()>, HttpServerError> {
-    start_with_limits(socket_path, handler, Limits::default())
+    start_with_limits(socket_path, handler, Limits::default(), seccomp)
 }
 
 fn start_with_limits(
     socket_path: &Path,
     handler: ApiHandler,
     limits: Limits,
+    seccomp: SeccompMode,
 ) -> Result<JoinHandle<()>, HttpServerError> {
     let listener = bind_socket(socket_path)?;
     let path = socket_path.to_path_buf();
-    thread::Builder::new()
+    let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
+    let thread = thread::Builder::new()
         .name("http-server".to_string())
-        .spawn(move || serve(listener, &path, handler, limits))
-        .map_err(HttpServerError::Spawn)
+        .spawn(move || {
+            let filtered = seccomp::apply(ThreadKind::HttpServer, seccomp);
+            let ok = filtered.is_ok();
+            let _ = filtered_tx.send(filtered);
+            if ok {
+                serve(listener, &path, handler, limits);
+            }
+        })
+        .map_err(HttpServerError::Spawn)?;
+    match filtered_rx.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            let _ = fs::remove_file(socket_path);
+            Err(HttpServerError::Seccomp(e))
+        }
+        // The thread died before answering (it cannot: nothing in between panics).
+        Err(_) => Err(HttpServerError::Spawn(io::Error::other(
+            "the http-server thread ended",
+        ))),
+    }
 }
 
 /// Removes a stale socket at `path`, then binds a listener there with mode 0600.
@@ -489,7 +515,10 @@ mod tests {
         })
     }
 
-    fn start(name: &str) -> (PathBuf, JoinHandle<()>, mpsc::Receiver<ApiRequest>) {
+    fn start(
+        name: &str,
+        seccomp: SeccompMode,
+    ) -> (PathBuf, JoinHandle<()>, mpsc::Receiver<ApiRequest>) {
         let path = socket_path(name);
         let _ = fs::remove_file(&path);
         let (tx, rx) = mpsc::channel();
@@ -497,7 +526,7 @@ mod tests {
             request_timeout: Duration::from_millis(300),
             write_timeout: Duration::from_secs(1),
         };
-        let thread = start_with_limits(&path, handler(tx), limits).unwrap();
+        let thread = start_with_limits(&path, handler(tx), limits, seccomp).unwrap();
         (path, thread, rx)
     }
 
@@ -518,7 +547,17 @@ mod tests {
 
     #[test]
     fn serves_and_survives_bad_requests() {
-        let (path, thread, seen) = start("serve");
+        serve_and_survive_bad_requests("serve", SeccompMode::Disabled);
+    }
+
+    /// The same under the http-server filter (a forbidden call would abort this test binary).
+    #[test]
+    fn serves_and_survives_bad_requests_under_its_seccomp_filter() {
+        serve_and_survive_bad_requests("serve-seccomp", SeccompMode::Enabled);
+    }
+
+    fn serve_and_survive_bad_requests(name: &str, seccomp: SeccompMode) {
+        let (path, thread, seen) = start(name, seccomp);
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
@@ -533,11 +572,16 @@ mod tests {
             (r.status, r.error_message().as_str()),
             (409, "VM is not created")
         );
-        let r = send_request(&path, &ApiRequest::VmPause).unwrap();
-        assert_eq!(
-            (r.status, r.error_message().as_str()),
-            (500, "the request handler panicked")
-        );
+        // With RUST_BACKTRACE set, the panic hook would read this executable's debug
+        // information, which the filter does not allow.
+        let backtraces = std::env::var("RUST_BACKTRACE").is_ok_and(|v| v != "0");
+        if seccomp == SeccompMode::Disabled || !backtraces {
+            let r = send_request(&path, &ApiRequest::VmPause).unwrap();
+            assert_eq!(
+                (r.status, r.error_message().as_str()),
+                (500, "the request handler panicked")
+            );
+        }
         ping_ok(&path);
 
         let cases: &[(&[u8], &str)] = &[
@@ -650,12 +694,12 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
         let (tx, _rx) = mpsc::channel();
-        let thread = start_http_server(&path, handler(tx)).unwrap();
+        let thread = start_http_server(&path, handler(tx), SeccompMode::Disabled).unwrap();
         ping_ok(&path);
 
         // A live one is not.
         let (tx, _rx) = mpsc::channel();
-        let e = start_http_server(&path, handler(tx)).unwrap_err();
+        let e = start_http_server(&path, handler(tx), SeccompMode::Disabled).unwrap_err();
         assert!(matches!(e, HttpServerError::InUse { .. }), "{e}");
         ping_ok(&path);
         send_request(&path, &ApiRequest::VmmShutdown).unwrap();
@@ -664,13 +708,18 @@ mod tests {
         // Nor is a regular file.
         fs::write(&path, b"precious").unwrap();
         let (tx, _rx) = mpsc::channel();
-        let e = start_http_server(&path, handler(tx)).unwrap_err();
+        let e = start_http_server(&path, handler(tx), SeccompMode::Disabled).unwrap_err();
         assert!(matches!(e, HttpServerError::NotASocket { .. }), "{e}");
         assert_eq!(fs::read(&path).unwrap(), b"precious");
         fs::remove_file(&path).unwrap();
 
         let (tx, _rx) = mpsc::channel();
-        let e = start_http_server(Path::new("/nonexistent/dir/api.sock"), handler(tx)).unwrap_err();
+        let e = start_http_server(
+            Path::new("/nonexistent/dir/api.sock"),
+            handler(tx),
+            SeccompMode::Disabled,
+        )
+        .unwrap_err();
         assert!(matches!(e, HttpServerError::Bind { .. }), "{e}");
     }
 }

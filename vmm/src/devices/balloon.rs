@@ -13,6 +13,7 @@ use crate::config::BalloonConfig;
 use crate::interrupts::{InterruptManager, IrqfdLine, MsiVectorGroup};
 use crate::memory::GuestMemoryMmap;
 use crate::migration::hints::{FreePageHinter, HintSource};
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 
 /// MSI-X vectors for the balloon: configuration changes plus up to five queues.
 const BALLOON_MSI_VECTORS: u32 = 6;
@@ -35,15 +36,17 @@ pub fn intx_gsi(slot: u8) -> u32 {
 }
 
 impl BalloonDevice {
-    /// Creates the balloon and puts it on the PCI bus.
+    /// Creates the balloon and puts it on the PCI bus. Its worker thread installs the balloon
+    /// worker's seccomp filter as `seccomp` says before it serves the queues.
     pub fn new(
         vm: &Arc<dyn Vm>,
         interrupts: &Arc<InterruptManager>,
         memory: &Arc<GuestMemoryMmap>,
         segment: &PciSegment,
         config: &BalloonConfig,
+        seccomp: SeccompMode,
     ) -> Result<Self, DeviceError> {
-        let balloon = Balloon::new(&virtio_devices::BalloonConfig {
+        let mut balloon = Balloon::new(&virtio_devices::BalloonConfig {
             size: config.size,
             deflate_on_oom: config.deflate_on_oom,
             free_page_reporting: config.free_page_reporting,
@@ -52,6 +55,12 @@ impl BalloonDevice {
             stats_interval: config.statistics.then_some(STATS_INTERVAL),
         })
         .map_err(|e| DeviceError::Balloon(Box::new(e)))?;
+        if seccomp != SeccompMode::Disabled {
+            balloon.set_on_worker_start(Some(Arc::new(move || {
+                seccomp::apply(ThreadKind::BalloonWorker, seccomp)
+                    .map_err(|e| std::io::Error::other(crate::api::error_chain(&e)))
+            })));
+        }
         let handle = balloon.handle();
         let msi: Arc<dyn MsiVectors> = Arc::new(
             MsiVectorGroup::new(interrupts.clone(), BALLOON_MSI_VECTORS)

@@ -3,6 +3,7 @@
 
 pub mod balloon;
 pub mod bus;
+pub mod console_input;
 pub mod legacy;
 pub mod pci;
 pub mod serial;
@@ -21,6 +22,7 @@ use self::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::config::VmConfig;
 use crate::interrupts::InterruptManager;
 use crate::memory::GuestMemoryMmap;
+use crate::seccomp::SeccompMode;
 
 /// Errors from creating devices.
 #[derive(Debug, Error)]
@@ -56,17 +58,20 @@ pub struct DeviceManager {
     /// The virtio-balloon, if configured.
     pub balloon: Option<BalloonDevice>,
     _serial_irq: Option<EventFd>,
+    _stdin: Option<console_input::StdinForwarder>,
 }
 
 impl DeviceManager {
     /// Creates the legacy devices and the serial port as `config` asks. `on_reset` is called when
-    /// the guest pulses the i8042 reset line.
+    /// the guest pulses the i8042 reset line. The balloon's worker runs under a seccomp filter as
+    /// `seccomp` says.
     pub fn new(
         vm: &Arc<dyn Vm>,
         interrupts: &Arc<InterruptManager>,
         memory: &Arc<GuestMemoryMmap>,
         config: &VmConfig,
         on_reset: Box<dyn Fn(LegacyEvent) + Send>,
+        seccomp: SeccompMode,
     ) -> Result<Self, DeviceError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -85,6 +90,7 @@ impl DeviceManager {
         pio.insert(Arc::new(Mutex::new(Sink)), 0x80, 1)
             .map_err(DeviceError::Bus)?;
 
+        let mut stdin = None;
         let serial_irq =
             match serial::output_for(&config.serial).map_err(DeviceError::SerialOutput)? {
                 Some(out) => {
@@ -92,12 +98,15 @@ impl DeviceManager {
                     vm.register_irqfd(&irq, COM1_IRQ)
                         .map_err(DeviceError::Irq)?;
                     let trigger = irq.try_clone().map_err(DeviceError::EventFd)?;
-                    pio.insert(
-                        Arc::new(Mutex::new(SerialDevice::new(trigger, out))),
-                        COM1_BASE,
-                        COM1_LEN,
-                    )
-                    .map_err(DeviceError::Bus)?;
+                    let device = Arc::new(Mutex::new(SerialDevice::new(trigger, out)));
+                    pio.insert(device.clone(), COM1_BASE, COM1_LEN)
+                        .map_err(DeviceError::Bus)?;
+                    if config.serial.mode == crate::config::ConsoleOutputMode::Tty {
+                        stdin = Some(
+                            console_input::StdinForwarder::start(device)
+                                .map_err(DeviceError::SerialOutput)?,
+                        );
+                    }
                     Some(irq)
                 }
                 None => None,
@@ -116,7 +125,9 @@ impl DeviceManager {
         )
         .map_err(DeviceError::Bus)?;
         let balloon = match &config.balloon {
-            Some(b) => Some(BalloonDevice::new(vm, interrupts, memory, &pci, b)?),
+            Some(b) => Some(BalloonDevice::new(
+                vm, interrupts, memory, &pci, b, seccomp,
+            )?),
             None => None,
         };
         Ok(DeviceManager {
@@ -125,6 +136,7 @@ impl DeviceManager {
             pci,
             balloon,
             _serial_irq: serial_irq,
+            _stdin: stdin,
         })
     }
 }

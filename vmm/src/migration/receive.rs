@@ -14,6 +14,7 @@ use vm_migration::{
 use super::MigrationError;
 use crate::config::{ReceiveMigrationData, VmConfig};
 use crate::memory;
+use crate::seccomp::SeccompMode;
 use crate::vcpu::ExitSink;
 use crate::vm::{Vm, VmSnapshot};
 
@@ -29,16 +30,19 @@ enum Next {
 struct Receiver<'h> {
     hypervisor: &'h dyn Hypervisor,
     exit_sink: ExitSink,
+    seccomp: SeccompMode,
     config: Option<VmConfig>,
     vm: Option<Vm>,
     ram: Option<RamRegions>,
 }
 
-/// Waits for one migration on `data.receiver_url` and returns the running VM.
+/// Waits for one migration on `data.receiver_url` and returns the running VM, whose threads run
+/// under seccomp filters as `seccomp` says.
 pub fn receive_migration(
     data: &ReceiveMigrationData,
     hypervisor: &dyn Hypervisor,
     exit_sink: ExitSink,
+    seccomp: SeccompMode,
 ) -> Result<Vm, MigrationError> {
     let url: MigrationUrl = data.receiver_url.parse().map_err(MigrationError::Url)?;
     let listener = MigrationListener::bind(&url).map_err(MigrationError::Transport)?;
@@ -48,6 +52,7 @@ pub fn receive_migration(
     let mut receiver = Receiver {
         hypervisor,
         exit_sink,
+        seccomp,
         config: None,
         vm: None,
         ram: None,
@@ -175,7 +180,13 @@ impl Receiver<'_> {
         mem: Option<Arc<memory::GuestMemoryMmap>>,
     ) -> Result<(), MigrationError> {
         let vm = match mem {
-            Some(mem) => Vm::with_memory(config, mem, self.hypervisor, self.exit_sink.clone()),
+            Some(mem) => Vm::with_memory(
+                config,
+                mem,
+                self.hypervisor,
+                self.exit_sink.clone(),
+                self.seccomp,
+            ),
             None => {
                 // Fill RAM with 4 KiB pages: huge page faults stall on compaction whenever host
                 // memory is fragmented, which made receiving up to ten times slower here.
@@ -186,7 +197,13 @@ impl Receiver<'_> {
                 };
                 let mem = memory::create_guest_memory(&receive_config)
                     .map_err(|e| MigrationError::Vm(crate::vm::VmError::Memory(e)))?;
-                Vm::with_memory(config, mem, self.hypervisor, self.exit_sink.clone())
+                Vm::with_memory(
+                    config,
+                    mem,
+                    self.hypervisor,
+                    self.exit_sink.clone(),
+                    self.seccomp,
+                )
             }
         }
         .map_err(MigrationError::Vm)?;

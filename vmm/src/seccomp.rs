@@ -1,0 +1,1045 @@
+//! Seccomp filters: every thread that touches guest input runs under an allowlist of the system
+//! calls it needs, built with `seccompiler`.
+//!
+//! | thread           | where it starts                   | what it may do                                   |
+//! |------------------|-----------------------------------|--------------------------------------------------|
+//! | `vcpuN`          | [`crate::vcpu::VcpuManager::start`] | `KVM_RUN` and the few VM ioctls device models need (ioeventfds, irqfds, GSI routing), eventfd and serial I/O, the kick signal, starting the balloon worker |
+//! | `http-server`    | [`crate::api::start_http_server`] | accept, read and answer API connections, hand requests over a channel, remove the socket when told to stop |
+//! | `balloon-worker` | the balloon's worker start hook   | epoll over its eventfds, `madvise(MADV_DONTNEED)`, punching holes in shared guest RAM |
+//! | VMM (main)       | [`crate::controller::start_vmm`]  | create and run VMs (KVM system, VM and vCPU ioctls, guest RAM and memfds, kernel and serial files), migrate them over UNIX or TCP sockets (with `SCM_RIGHTS`), start the other threads |
+//!
+//! Every list also holds what the Rust and C runtimes need on any thread: memory allocation
+//! (`mmap`/`mprotect` never with `PROT_EXEC`), futexes, clocks, signal return, logging to
+//! standard error or the log file, thread exit, and the `abort` that follows a forbidden call.
+//!
+//! Filters are inherited and stack: a thread started by a filtered thread runs under its parent's
+//! filter as well as its own, and a call goes through only if every filter allows it. vCPU
+//! threads start the balloon worker (when the guest driver sets DRIVER_OK) and the VMM thread
+//! starts vCPUs and, when a VM is restored, the balloon worker; so the vCPU list includes the
+//! balloon worker's, and the VMM list includes both. Threads are started with `clone` (only with
+//! `CLONE_THREAD`, so never a new process): a second, tiny filter makes `clone3`, whose flags a
+//! filter cannot read, fail with `ENOSYS`, and glibc then falls back to `clone`.
+//!
+//! [`SeccompMode::Enabled`] traps a forbidden call: a `SIGSYS` handler prints
+//! `cloud-hypervisor: seccomp: thread <name> made forbidden syscall <nr>` and aborts.
+//! [`SeccompMode::Log`] lets it through and has the kernel log it (audit log / `dmesg`).
+//! A panic on a filtered thread with `RUST_BACKTRACE` set is such a call (the panic hook reads
+//! this executable's debug information): run with `--seccomp false` to get backtraces.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Once;
+
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_enable_cap,
+    kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use thiserror::Error;
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+
+/// Whether and how the filters are applied (`--seccomp true|false|log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// A forbidden system call kills the process, after one line on standard error.
+    #[default]
+    Enabled,
+    /// A forbidden system call goes through and the kernel logs it.
+    Log,
+    /// No filters.
+    Disabled,
+}
+
+/// `--seccomp` was given something other than `true`, `false` or `log`.
+#[derive(Debug, Error)]
+#[error("--seccomp: invalid value \"{0}\" (expected true, false or log)")]
+pub struct ParseSeccompModeError(String);
+
+impl FromStr for SeccompMode {
+    type Err = ParseSeccompModeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "true" => Ok(SeccompMode::Enabled),
+            "false" => Ok(SeccompMode::Disabled),
+            "log" => Ok(SeccompMode::Log),
+            other => Err(ParseSeccompModeError(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Enabled => "true",
+            SeccompMode::Log => "log",
+            SeccompMode::Disabled => "false",
+        })
+    }
+}
+
+/// The kinds of threads that get a filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// A `vcpuN` thread.
+    Vcpu,
+    /// The `http-server` thread.
+    HttpServer,
+    /// The balloon's worker thread.
+    BalloonWorker,
+    /// The VMM thread (the main thread, once the VMM has started).
+    Vmm,
+}
+
+impl ThreadKind {
+    /// Every kind.
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::HttpServer,
+        ThreadKind::BalloonWorker,
+        ThreadKind::Vmm,
+    ];
+
+    /// A short name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::HttpServer => "http-server",
+            ThreadKind::BalloonWorker => "balloon-worker",
+            ThreadKind::Vmm => "vmm",
+        }
+    }
+}
+
+/// Errors from building or installing a filter.
+#[derive(Debug, Error)]
+pub enum SeccompError {
+    /// The filter could not be built (a bug in the lists).
+    #[error("cannot build the {0} seccomp filter")]
+    Build(&'static str, #[source] seccompiler::BackendError),
+    /// The kernel refused the filter.
+    #[error("cannot install the {0} seccomp filter")]
+    Install(&'static str, #[source] seccompiler::Error),
+}
+
+/// Allowed calls: syscall number to rules, any of which allows it (no rules: any arguments).
+#[derive(Default)]
+struct Allow(BTreeMap<i64, Vec<SeccompRule>>);
+
+impl Allow {
+    /// Allows each of `syscalls` whatever its arguments.
+    fn any(&mut self, syscalls: &[libc::c_long]) -> &mut Self {
+        for &nr in syscalls {
+            self.0.insert(nr, Vec::new());
+        }
+        self
+    }
+
+    /// Allows `syscall` when one of `rules` matches (unless it is already allowed outright).
+    fn when(&mut self, syscall: libc::c_long, rules: Vec<SeccompRule>) -> &mut Self {
+        match self.0.get_mut(&syscall) {
+            Some(existing) if existing.is_empty() => {}
+            Some(existing) => {
+                for rule in rules {
+                    if !existing.contains(&rule) {
+                        existing.push(rule);
+                    }
+                }
+            }
+            None => {
+                self.0.insert(syscall, rules);
+            }
+        }
+        self
+    }
+
+    /// Allows everything `other` allows.
+    fn merge(&mut self, other: Allow) -> &mut Self {
+        for (nr, rules) in other.0 {
+            if rules.is_empty() {
+                self.any(&[nr]);
+            } else {
+                self.when(nr, rules);
+            }
+        }
+        self
+    }
+}
+
+/// One condition on argument `arg` (32 bits are enough for every value used here).
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
+    // Argument indexes are below 6: this cannot fail.
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).expect("valid condition")
+}
+
+/// A rule of one condition.
+fn rule(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
+    SeccompRule::new(vec![cond(arg, op, value)]).expect("non-empty rule")
+}
+
+/// Rules allowing argument `arg` to be any of `values`.
+fn one_of(arg: u8, values: &[u64]) -> Vec<SeccompRule> {
+    values
+        .iter()
+        .map(|&v| rule(arg, SeccompCmpOp::Eq, v))
+        .collect()
+}
+
+/// Rules allowing argument `arg` when none of the bits in `mask` is set.
+fn without_bits(arg: u8, mask: u64) -> Vec<SeccompRule> {
+    vec![rule(arg, SeccompCmpOp::MaskedEq(mask), 0)]
+}
+
+/// Rules allowing argument `arg` when all the bits in `mask` are set.
+fn with_bits(arg: u8, mask: u64) -> Vec<SeccompRule> {
+    vec![rule(arg, SeccompCmpOp::MaskedEq(mask), mask)]
+}
+
+// ioctl request numbers (the values are those of <linux/kvm.h> and <asm-generic/ioctls.h>).
+const KVMIO: u32 = 0xAE;
+
+const fn io(nr: u32) -> u64 {
+    ioctl_expr(_IOC_NONE, KVMIO, nr, 0) as u64
+}
+
+const fn ior<T>(nr: u32) -> u64 {
+    ioctl_expr(_IOC_READ, KVMIO, nr, std::mem::size_of::<T>() as u32) as u64
+}
+
+const fn iow<T>(nr: u32) -> u64 {
+    ioctl_expr(_IOC_WRITE, KVMIO, nr, std::mem::size_of::<T>() as u32) as u64
+}
+
+const fn iowr<T>(nr: u32) -> u64 {
+    ioctl_expr(
+        _IOC_READ | _IOC_WRITE,
+        KVMIO,
+        nr,
+        std::mem::size_of::<T>() as u32,
+    ) as u64
+}
+
+/// KVM ioctl numbers, named as in `<linux/kvm.h>`.
+#[allow(missing_docs)]
+pub mod kvm_ioctl {
+    use super::*;
+
+    // On /dev/kvm.
+    pub const KVM_GET_API_VERSION: u64 = io(0x00);
+    pub const KVM_CREATE_VM: u64 = io(0x01);
+    pub const KVM_GET_MSR_INDEX_LIST: u64 = iowr::<kvm_msr_list>(0x02);
+    pub const KVM_CHECK_EXTENSION: u64 = io(0x03);
+    pub const KVM_GET_VCPU_MMAP_SIZE: u64 = io(0x04);
+    pub const KVM_GET_SUPPORTED_CPUID: u64 = iowr::<kvm_cpuid2>(0x05);
+    // On a VM.
+    pub const KVM_CREATE_VCPU: u64 = io(0x41);
+    pub const KVM_GET_DIRTY_LOG: u64 = iow::<kvm_dirty_log>(0x42);
+    pub const KVM_SET_USER_MEMORY_REGION: u64 = iow::<kvm_userspace_memory_region>(0x46);
+    pub const KVM_SET_TSS_ADDR: u64 = io(0x47);
+    pub const KVM_SET_IDENTITY_MAP_ADDR: u64 = iow::<u64>(0x48);
+    pub const KVM_CREATE_IRQCHIP: u64 = io(0x60);
+    pub const KVM_IRQ_LINE: u64 = iow::<kvm_irq_level>(0x61);
+    pub const KVM_GET_IRQCHIP: u64 = iowr::<kvm_irqchip>(0x62);
+    pub const KVM_SET_IRQCHIP: u64 = ior::<kvm_irqchip>(0x63);
+    pub const KVM_SET_GSI_ROUTING: u64 = iow::<kvm_irq_routing>(0x6a);
+    pub const KVM_IRQFD: u64 = iow::<kvm_irqfd>(0x76);
+    pub const KVM_CREATE_PIT2: u64 = iow::<kvm_pit_config>(0x77);
+    pub const KVM_IOEVENTFD: u64 = iow::<kvm_ioeventfd>(0x79);
+    pub const KVM_SET_CLOCK: u64 = iow::<kvm_clock_data>(0x7b);
+    pub const KVM_GET_CLOCK: u64 = ior::<kvm_clock_data>(0x7c);
+    pub const KVM_GET_PIT2: u64 = ior::<kvm_pit_state2>(0x9f);
+    pub const KVM_SET_PIT2: u64 = iow::<kvm_pit_state2>(0xa0);
+    pub const KVM_ENABLE_CAP: u64 = iow::<kvm_enable_cap>(0xa3);
+    pub const KVM_CLEAR_DIRTY_LOG: u64 = iowr::<kvm_clear_dirty_log>(0xc0);
+    // On a vCPU.
+    pub const KVM_RUN: u64 = io(0x80);
+    pub const KVM_GET_REGS: u64 = ior::<kvm_regs>(0x81);
+    pub const KVM_SET_REGS: u64 = iow::<kvm_regs>(0x82);
+    pub const KVM_GET_SREGS: u64 = ior::<kvm_sregs>(0x83);
+    pub const KVM_SET_SREGS: u64 = iow::<kvm_sregs>(0x84);
+    pub const KVM_GET_MSRS: u64 = iowr::<kvm_msrs>(0x88);
+    pub const KVM_SET_MSRS: u64 = iow::<kvm_msrs>(0x89);
+    pub const KVM_SET_FPU: u64 = iow::<kvm_fpu>(0x8d);
+    pub const KVM_GET_LAPIC: u64 = ior::<kvm_lapic_state>(0x8e);
+    pub const KVM_SET_LAPIC: u64 = iow::<kvm_lapic_state>(0x8f);
+    pub const KVM_SET_CPUID2: u64 = iow::<kvm_cpuid2>(0x90);
+    pub const KVM_GET_MP_STATE: u64 = ior::<kvm_mp_state>(0x98);
+    pub const KVM_SET_MP_STATE: u64 = iow::<kvm_mp_state>(0x99);
+    pub const KVM_GET_VCPU_EVENTS: u64 = ior::<kvm_vcpu_events>(0x9f);
+    pub const KVM_SET_VCPU_EVENTS: u64 = iow::<kvm_vcpu_events>(0xa0);
+    pub const KVM_GET_DEBUGREGS: u64 = ior::<kvm_debugregs>(0xa1);
+    pub const KVM_SET_DEBUGREGS: u64 = iow::<kvm_debugregs>(0xa2);
+    pub const KVM_GET_XSAVE: u64 = ior::<kvm_xsave>(0xa4);
+    pub const KVM_SET_XSAVE: u64 = iow::<kvm_xsave>(0xa5);
+    pub const KVM_GET_XCRS: u64 = ior::<kvm_xcrs>(0xa6);
+    pub const KVM_SET_XCRS: u64 = iow::<kvm_xcrs>(0xa7);
+}
+
+use kvm_ioctl::*;
+
+/// The ioctls a vCPU thread makes: running the guest, and what device models do on its exits
+/// (virtio-pci registers ioeventfds and MSI routes when the driver programs the device).
+const VCPU_IOCTLS: &[u64] = &[
+    KVM_RUN,
+    KVM_GET_REGS,
+    KVM_IOEVENTFD,
+    KVM_IRQFD,
+    KVM_SET_GSI_ROUTING,
+    KVM_IRQ_LINE,
+];
+
+/// The ioctls the VMM thread makes: everything the hypervisor crate does, plus `FIONBIO`
+/// (connect with a timeout), `FIONREAD` (the DNS resolver) and `TCGETS` (is a stream a
+/// terminal).
+const VMM_IOCTLS: &[u64] = &[
+    KVM_GET_API_VERSION,
+    KVM_CREATE_VM,
+    KVM_GET_MSR_INDEX_LIST,
+    KVM_CHECK_EXTENSION,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_GET_SUPPORTED_CPUID,
+    KVM_CREATE_VCPU,
+    KVM_GET_DIRTY_LOG,
+    KVM_SET_USER_MEMORY_REGION,
+    KVM_SET_TSS_ADDR,
+    KVM_SET_IDENTITY_MAP_ADDR,
+    KVM_CREATE_IRQCHIP,
+    KVM_IRQ_LINE,
+    KVM_GET_IRQCHIP,
+    KVM_SET_IRQCHIP,
+    KVM_SET_GSI_ROUTING,
+    KVM_IRQFD,
+    KVM_CREATE_PIT2,
+    KVM_IOEVENTFD,
+    KVM_SET_CLOCK,
+    KVM_GET_CLOCK,
+    KVM_GET_PIT2,
+    KVM_SET_PIT2,
+    KVM_ENABLE_CAP,
+    KVM_CLEAR_DIRTY_LOG,
+    KVM_RUN,
+    KVM_GET_REGS,
+    KVM_SET_REGS,
+    KVM_GET_SREGS,
+    KVM_SET_SREGS,
+    KVM_GET_MSRS,
+    KVM_SET_MSRS,
+    KVM_SET_FPU,
+    KVM_GET_LAPIC,
+    KVM_SET_LAPIC,
+    KVM_SET_CPUID2,
+    KVM_GET_MP_STATE,
+    KVM_SET_MP_STATE,
+    KVM_GET_VCPU_EVENTS,
+    KVM_SET_VCPU_EVENTS,
+    KVM_GET_DEBUGREGS,
+    KVM_SET_DEBUGREGS,
+    KVM_GET_XSAVE,
+    KVM_SET_XSAVE,
+    KVM_GET_XCRS,
+    KVM_SET_XCRS,
+    libc::FIONBIO,
+    libc::FIONREAD,
+    libc::TCGETS,
+];
+
+/// What any thread of this process may need: memory allocation (never executable), futexes,
+/// clocks and sleeps, random keys for hash maps, signal return (the vCPU kick), logging to
+/// standard error or the log file, thread exit, and `abort` (after a trapped call).
+fn runtime() -> Allow {
+    let mut a = Allow::default();
+    a.any(&[
+        libc::SYS_brk,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_futex,
+        libc::SYS_sched_yield,
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        libc::SYS_gettimeofday,
+        libc::SYS_getrandom,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_restart_syscall,
+        libc::SYS_sigaltstack,
+        libc::SYS_write,
+        libc::SYS_writev,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+    ])
+    .when(libc::SYS_mmap, without_bits(2, libc::PROT_EXEC as u64))
+    .when(libc::SYS_mprotect, without_bits(2, libc::PROT_EXEC as u64))
+    // glibc gives freed thread stacks and heap back with MADV_DONTNEED.
+    .when(libc::SYS_madvise, one_of(2, &[libc::MADV_DONTNEED as u64]))
+    // abort() raises SIGABRT on itself.
+    .when(libc::SYS_tgkill, one_of(2, &[libc::SIGABRT as u64]));
+    a
+}
+
+/// What a thread needs to start another one: the new thread runs under its parent's filters
+/// until it has installed its own (which takes `prctl(PR_SET_NO_NEW_PRIVS)` and `seccomp`; adding
+/// a filter can only take rights away).
+fn spawner() -> Allow {
+    let mut a = Allow::default();
+    a.any(&[
+        libc::SYS_clone3,
+        libc::SYS_rseq,
+        libc::SYS_set_robust_list,
+        libc::SYS_sched_getaffinity,
+    ])
+    .when(libc::SYS_clone, with_bits(0, libc::CLONE_THREAD as u64))
+    .when(
+        libc::SYS_prctl,
+        one_of(
+            0,
+            &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64],
+        ),
+    )
+    .when(
+        libc::SYS_seccomp,
+        one_of(0, &[libc::SECCOMP_SET_MODE_FILTER as u64]),
+    );
+    a
+}
+
+/// The balloon worker: epoll over the queue and control eventfds, guest memory, interrupts
+/// (irqfd writes), and giving pages back: `madvise(MADV_DONTNEED)` on the mapping, a punched
+/// hole when guest RAM is a shared memfd.
+fn balloon_worker() -> Allow {
+    let mut a = runtime();
+    a.any(&[
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_read,
+        libc::SYS_close,
+    ])
+    .when(
+        libc::SYS_fallocate,
+        one_of(
+            1,
+            &[(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64],
+        ),
+    );
+    a
+}
+
+/// A vCPU: `KVM_RUN` and the exits' device models (serial output to a file or standard output,
+/// eventfds, virtio-pci programming), the kick signal, and starting (and joining) the balloon
+/// worker, whose calls it must allow too.
+fn vcpu() -> Allow {
+    let mut a = runtime();
+    a.merge(spawner())
+        .merge(balloon_worker())
+        .any(&[libc::SYS_read, libc::SYS_close])
+        .when(libc::SYS_ioctl, one_of(1, VCPU_IOCTLS));
+    a
+}
+
+/// The API server: one UNIX connection at a time, with timeouts; requests go to the VMM thread
+/// over a channel; the socket file is removed when the VMM is told to stop. Validating a
+/// `vm.create` body reads the start of the kernel and opens the initramfs: files may be opened
+/// read-only.
+fn http_server() -> Allow {
+    let mut a = runtime();
+    a.any(&[
+        libc::SYS_accept4,
+        libc::SYS_read,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_shutdown,
+        libc::SYS_close,
+        libc::SYS_unlink,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_lseek,
+    ])
+    .when(libc::SYS_setsockopt, socket_timeouts())
+    .when(libc::SYS_openat, read_only_open());
+    a
+}
+
+/// `openat` without any flag that writes or creates (`O_WRONLY`, `O_RDWR`, `O_CREAT`,
+/// `O_TRUNC`, `O_APPEND`, `O_TMPFILE`).
+fn read_only_open() -> Vec<SeccompRule> {
+    let writes = libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND;
+    // O_TMPFILE includes O_DIRECTORY's bit: only its own bit is checked.
+    let tmpfile = libc::O_TMPFILE & !libc::O_DIRECTORY;
+    without_bits(2, (writes | tmpfile) as u64)
+}
+
+/// `setsockopt` for read and write timeouts.
+fn socket_timeouts() -> Vec<SeccompRule> {
+    [
+        libc::SO_RCVTIMEO,
+        libc::SO_SNDTIMEO,
+        libc::SO_RCVTIMEO_NEW,
+        libc::SO_SNDTIMEO_NEW,
+    ]
+    .iter()
+    .map(|&opt| {
+        SeccompRule::new(vec![
+            cond(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64),
+            cond(2, SeccompCmpOp::Eq, opt as u64),
+        ])
+        .expect("non-empty rule")
+    })
+    .collect()
+}
+
+/// The VMM thread: API requests one at a time. Creating a VM (KVM, guest RAM in anonymous memory
+/// or a memfd, reading the kernel and initramfs, opening the serial file), pausing and resuming
+/// (kicking vCPUs with SIGRTMIN), and migrating: UNIX or TCP sockets (a host name is resolved
+/// from /etc/hosts or DNS), memfds passed with `SCM_RIGHTS`, dirty logging. It starts vCPU
+/// threads (and, on restore, the balloon worker), so it allows all they do.
+fn vmm() -> Allow {
+    let mut a = runtime();
+    let kick = libc::SIGRTMIN() as u64;
+    a.merge(spawner())
+        .merge(vcpu())
+        .merge(balloon_worker())
+        .any(&[
+            // Files: kernel, initramfs, serial output, guest RAM memfds.
+            libc::SYS_read,
+            libc::SYS_readv,
+            libc::SYS_pread64,
+            libc::SYS_lseek,
+            libc::SYS_openat,
+            libc::SYS_close,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+            libc::SYS_ftruncate,
+            libc::SYS_memfd_create,
+            libc::SYS_eventfd2,
+            libc::SYS_unlink,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            // Migration sockets.
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_accept4,
+            libc::SYS_connect,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+            libc::SYS_getsockopt,
+            libc::SYS_sendto,
+            libc::SYS_sendmsg,
+            libc::SYS_sendmmsg,
+            libc::SYS_recvfrom,
+            libc::SYS_recvmsg,
+            libc::SYS_shutdown,
+            // The resolver reads the host name when it loads /etc/resolv.conf.
+            libc::SYS_uname,
+        ])
+        .when(
+            libc::SYS_socket,
+            one_of(
+                0,
+                &[
+                    libc::AF_UNIX as u64,
+                    libc::AF_INET as u64,
+                    libc::AF_INET6 as u64,
+                ],
+            ),
+        )
+        .when(libc::SYS_setsockopt, socket_timeouts())
+        .when(
+            libc::SYS_setsockopt,
+            vec![
+                SeccompRule::new(vec![
+                    cond(1, SeccompCmpOp::Eq, libc::SOL_SOCKET as u64),
+                    cond(2, SeccompCmpOp::Eq, libc::SO_REUSEADDR as u64),
+                ])
+                .expect("non-empty rule"),
+                SeccompRule::new(vec![
+                    cond(1, SeccompCmpOp::Eq, libc::IPPROTO_TCP as u64),
+                    cond(2, SeccompCmpOp::Eq, libc::TCP_NODELAY as u64),
+                ])
+                .expect("non-empty rule"),
+                SeccompRule::new(vec![
+                    cond(1, SeccompCmpOp::Eq, libc::IPPROTO_IPV6 as u64),
+                    cond(2, SeccompCmpOp::Eq, libc::IPV6_V6ONLY as u64),
+                ])
+                .expect("non-empty rule"),
+                // The DNS resolver's UDP sockets.
+                SeccompRule::new(vec![
+                    cond(1, SeccompCmpOp::Eq, libc::SOL_IP as u64),
+                    cond(2, SeccompCmpOp::Eq, libc::IP_RECVERR as u64),
+                ])
+                .expect("non-empty rule"),
+                SeccompRule::new(vec![
+                    cond(1, SeccompCmpOp::Eq, libc::SOL_IPV6 as u64),
+                    cond(2, SeccompCmpOp::Eq, libc::IPV6_RECVERR as u64),
+                ])
+                .expect("non-empty rule"),
+            ],
+        )
+        .when(
+            libc::SYS_fcntl,
+            one_of(
+                1,
+                &[
+                    libc::F_DUPFD_CLOEXEC as u64,
+                    libc::F_GETFD as u64,
+                    libc::F_SETFD as u64,
+                    libc::F_GETFL as u64,
+                    libc::F_SETFL as u64,
+                ],
+            ),
+        )
+        .when(
+            libc::SYS_madvise,
+            one_of(
+                2,
+                &[
+                    libc::MADV_HUGEPAGE as u64,
+                    libc::MADV_NOHUGEPAGE as u64,
+                    libc::MADV_POPULATE_WRITE as u64,
+                ],
+            ),
+        )
+        .when(libc::SYS_tgkill, one_of(2, &[kick]))
+        .when(libc::SYS_rt_sigaction, one_of(0, &[kick]))
+        .when(libc::SYS_ioctl, one_of(1, VMM_IOCTLS));
+    a
+}
+
+fn allowlist(kind: ThreadKind) -> Allow {
+    match kind {
+        ThreadKind::Vcpu => vcpu(),
+        ThreadKind::HttpServer => http_server(),
+        ThreadKind::BalloonWorker => balloon_worker(),
+        ThreadKind::Vmm => vmm(),
+    }
+}
+
+/// The architecture the filters are built for (the VMM is x86-64 only).
+const ARCH: TargetArch = TargetArch::x86_64;
+
+/// The BPF program for `kind`'s allowlist: allowed calls go through, others get `on_mismatch`.
+pub fn program(kind: ThreadKind, on_mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build(kind.name(), e);
+    let filter = SeccompFilter::new(allowlist(kind).0, on_mismatch, SeccompAction::Allow, ARCH)
+        .map_err(build)?;
+    BpfProgram::try_from(filter).map_err(build)
+}
+
+/// The second filter: `clone3` fails with `ENOSYS`, so glibc uses `clone`, whose flags the
+/// allowlists check.
+fn no_clone3() -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build("clone3", e);
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        ARCH,
+    )
+    .map_err(build)?;
+    BpfProgram::try_from(filter).map_err(build)
+}
+
+/// Installs `kind`'s filter on the calling thread, as `mode` says. Threads it starts afterwards
+/// inherit it.
+pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
+    let on_mismatch = match mode {
+        SeccompMode::Disabled => return Ok(()),
+        SeccompMode::Log => SeccompAction::Log,
+        SeccompMode::Enabled => SeccompAction::Trap,
+    };
+    let allow = program(kind, on_mismatch)?;
+    let clone3 = no_clone3()?;
+    if mode == SeccompMode::Enabled {
+        install_sigsys_handler();
+    }
+    remember_thread_name(kind);
+    let install = |e| SeccompError::Install(kind.name(), e);
+    seccompiler::apply_filter(&clone3).map_err(install)?;
+    seccompiler::apply_filter(&allow).map_err(install)?;
+    log::debug!(
+        "seccomp: {} filter installed (--seccomp {mode})",
+        kind.name()
+    );
+    Ok(())
+}
+
+thread_local! {
+    /// The thread's name, NUL padded, for the SIGSYS handler (which must not allocate or lock).
+    static THREAD_NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
+}
+
+fn remember_thread_name(kind: ThreadKind) {
+    let current = std::thread::current();
+    let name = current.name().unwrap_or(kind.name()).as_bytes();
+    let mut buf = [0u8; 16];
+    let n = name.len().min(buf.len());
+    buf[..n].copy_from_slice(&name[..n]);
+    THREAD_NAME.with(|c| c.set(buf));
+}
+
+/// The start of `siginfo_t` as the kernel fills it for SIGSYS (see `<asm-generic/siginfo.h>`).
+#[repr(C)]
+struct SigsysInfo {
+    signo: libc::c_int,
+    errno: libc::c_int,
+    code: libc::c_int,
+    _pad: libc::c_int,
+    call_addr: *mut libc::c_void,
+    syscall: libc::c_int,
+    arch: libc::c_uint,
+}
+
+/// A fixed buffer to format the message in without allocating.
+struct Line {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn push_number(&mut self, mut n: i64) {
+        if n < 0 {
+            self.push(b"-");
+            n = -n;
+        }
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler; for SIGSYS its
+    // start has the layout of `SigsysInfo`, which is smaller than siginfo_t.
+    let nr = unsafe { (*(info as *const SigsysInfo)).syscall };
+    let name = THREAD_NAME.with(|c| c.get());
+    let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let mut line = Line {
+        buf: [0; 160],
+        len: 0,
+    };
+    line.push(b"cloud-hypervisor: seccomp: thread ");
+    line.push(if name_len == 0 {
+        b"?"
+    } else {
+        &name[..name_len]
+    });
+    line.push(b" made forbidden syscall ");
+    line.push_number(i64::from(nr));
+    line.push(b"\n");
+    // SAFETY: write(2) and abort(3) are async-signal-safe; the buffer outlives the call. Every
+    // filter allows what they use (write, rt_sigprocmask, getpid, gettid, tgkill(SIGABRT)).
+    unsafe {
+        libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len);
+        libc::abort();
+    }
+}
+
+/// Installs the SIGSYS handler, once per process.
+fn install_sigsys_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction with a valid handler address and an empty mask is a valid
+        // argument; the handler only formats into a stack buffer, writes and aborts.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = sigsys_handler as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+                log::warn!(
+                    "seccomp: cannot install the SIGSYS handler: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles_for_x86_64() {
+        for kind in ThreadKind::ALL {
+            for action in [
+                SeccompAction::Trap,
+                SeccompAction::Log,
+                SeccompAction::Errno(1),
+            ] {
+                let p = program(kind, action.clone()).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+                assert!(
+                    p.len() > 20 && p.len() < 4096,
+                    "{kind:?}: {} instructions",
+                    p.len()
+                );
+            }
+        }
+        assert!(!no_clone3().unwrap().is_empty());
+    }
+
+    #[test]
+    fn mode_parses_like_cloud_hypervisor() {
+        assert_eq!("true".parse::<SeccompMode>().unwrap(), SeccompMode::Enabled);
+        assert_eq!(
+            "false".parse::<SeccompMode>().unwrap(),
+            SeccompMode::Disabled
+        );
+        assert_eq!("log".parse::<SeccompMode>().unwrap(), SeccompMode::Log);
+        assert_eq!(SeccompMode::default(), SeccompMode::Enabled);
+        let e = "on".parse::<SeccompMode>().unwrap_err().to_string();
+        assert!(e.contains("\"on\""), "{e}");
+        for mode in [
+            SeccompMode::Enabled,
+            SeccompMode::Log,
+            SeccompMode::Disabled,
+        ] {
+            assert_eq!(mode.to_string().parse::<SeccompMode>().unwrap(), mode);
+        }
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        // A few values as <linux/kvm.h> computes them on x86-64.
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_CREATE_VM, 0xae01);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
+        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
+        assert_eq!(KVM_IRQFD, 0x4020_ae76);
+        assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
+        assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
+        assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+    }
+
+    #[test]
+    fn merging_keeps_unconditional_allows() {
+        let mut a = Allow::default();
+        a.any(&[libc::SYS_read]);
+        a.when(libc::SYS_read, one_of(0, &[1]));
+        assert!(a.0[&libc::SYS_read].is_empty());
+        let mut b = Allow::default();
+        b.when(libc::SYS_ioctl, one_of(1, &[1, 2]));
+        b.when(libc::SYS_ioctl, one_of(1, &[2, 3]));
+        assert_eq!(b.0[&libc::SYS_ioctl].len(), 3);
+        let mut c = Allow::default();
+        c.any(&[libc::SYS_ioctl]);
+        b.merge(c);
+        assert!(b.0[&libc::SYS_ioctl].is_empty());
+    }
+
+    #[test]
+    fn spawning_threads_inherit_what_they_need() {
+        // A filtered parent's list must allow what its children do (filters stack).
+        let covers = |parent: &Allow, child: &Allow| {
+            child.0.iter().all(|(nr, rules)| match parent.0.get(nr) {
+                None => false,
+                Some(p) if p.is_empty() => true,
+                Some(p) => !rules.is_empty() && rules.iter().all(|r| p.contains(r)),
+            })
+        };
+        assert!(covers(&vcpu(), &balloon_worker()));
+        assert!(covers(&vmm(), &vcpu()));
+        assert!(covers(&vmm(), &balloon_worker()));
+        assert!(!covers(&http_server(), &vcpu()));
+    }
+
+    /// Runs `f` on a new thread under `kind`'s filter, with forbidden calls failing with EPERM.
+    fn under_filter<R: Send + 'static>(
+        kind: ThreadKind,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> R {
+        let p = program(kind, SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&p).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// The errno of a raw call's result, 0 on success.
+    fn errno_of(ret: libc::c_long) -> i32 {
+        if ret < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn forbidden_calls_fail_and_allowed_ones_work() {
+        for kind in ThreadKind::ALL {
+            let (personality, getppid, exec_map, rw_map, tid) = under_filter(kind, || {
+                // SAFETY: raw calls with arguments the kernel checks; none changes this process
+                // (personality(0xffffffff) only reads it; the maps are unmapped at once).
+                unsafe {
+                    let personality =
+                        errno_of(libc::syscall(libc::SYS_personality, 0xffff_ffffu32));
+                    let getppid = errno_of(libc::syscall(libc::SYS_getppid));
+                    let map = |prot| {
+                        let p = libc::mmap(
+                            std::ptr::null_mut(),
+                            4096,
+                            prot,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        );
+                        if p == libc::MAP_FAILED {
+                            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+                        } else {
+                            libc::munmap(p, 4096);
+                            0
+                        }
+                    };
+                    let exec_map = map(libc::PROT_READ | libc::PROT_EXEC);
+                    let rw_map = map(libc::PROT_READ | libc::PROT_WRITE);
+                    let tid = libc::syscall(libc::SYS_gettid);
+                    (personality, getppid, exec_map, rw_map, tid)
+                }
+            });
+            assert_eq!(personality, libc::EPERM, "{kind:?}: personality");
+            assert_eq!(getppid, libc::EPERM, "{kind:?}: getppid");
+            assert_eq!(exec_map, libc::EPERM, "{kind:?}: executable mapping");
+            assert_eq!(rw_map, 0, "{kind:?}: data mapping");
+            assert!(tid > 0, "{kind:?}: gettid");
+        }
+    }
+
+    #[test]
+    fn ioctls_and_sockets_are_checked_per_thread() {
+        let probe = || {
+            // SAFETY: ioctl on fd -1 touches nothing; a socket that opens is closed at once.
+            unsafe {
+                let run = errno_of(libc::ioctl(-1, KVM_RUN as _) as libc::c_long);
+                let create_vm = errno_of(libc::ioctl(-1, KVM_CREATE_VM as _) as libc::c_long);
+                let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let socket = if sock >= 0 {
+                    libc::close(sock);
+                    0
+                } else {
+                    errno_of(-1)
+                };
+                let netlink =
+                    errno_of(libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) as libc::c_long);
+                (run, create_vm, socket, netlink)
+            }
+        };
+        // Allowed calls fail on the bad descriptor (EBADF), forbidden ones with EPERM.
+        let vcpu = under_filter(ThreadKind::Vcpu, probe);
+        assert_eq!(
+            (vcpu.0, vcpu.1, vcpu.2),
+            (libc::EBADF, libc::EPERM, libc::EPERM)
+        );
+        let vmm = under_filter(ThreadKind::Vmm, probe);
+        assert_eq!(
+            (vmm.0, vmm.1, vmm.2, vmm.3),
+            (libc::EBADF, libc::EBADF, 0, libc::EPERM)
+        );
+        let http = under_filter(ThreadKind::HttpServer, probe);
+        assert_eq!(
+            (http.0, http.1, http.2),
+            (libc::EPERM, libc::EPERM, libc::EPERM)
+        );
+        let balloon = under_filter(ThreadKind::BalloonWorker, probe);
+        assert_eq!((balloon.0, balloon.2), (libc::EPERM, libc::EPERM));
+    }
+
+    #[test]
+    fn the_api_server_opens_files_read_only() {
+        let path = std::env::temp_dir().join(format!("vmm-seccomp-ro-{}", std::process::id()));
+        std::fs::write(&path, b"kernel").unwrap();
+        let p = path.clone();
+        let (read, write, create) = under_filter(ThreadKind::HttpServer, move || {
+            let err = |r: std::io::Result<std::fs::File>| r.err().and_then(|e| e.raw_os_error());
+            let read = std::fs::read(&p).map_err(|e| e.raw_os_error());
+            let write = err(std::fs::OpenOptions::new().append(true).open(&p));
+            let create = err(std::fs::File::create(p.with_extension("new")));
+            (read, write, create)
+        });
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read, Ok(b"kernel".to_vec()));
+        assert_eq!(write, Some(libc::EPERM));
+        assert_eq!(create, Some(libc::EPERM));
+    }
+
+    /// Set in the child process of [`a_forbidden_call_is_trapped_and_aborts`].
+    const TRAP_CHILD: &str = "VMM_SECCOMP_TRAP_CHILD";
+
+    /// Child side: does nothing unless [`TRAP_CHILD`] is set.
+    #[test]
+    fn trap_child() {
+        if std::env::var_os(TRAP_CHILD).is_none() {
+            return;
+        }
+        let t = std::thread::Builder::new()
+            .name("vcpu-test".into())
+            .spawn(|| {
+                apply(ThreadKind::Vcpu, SeccompMode::Enabled).unwrap();
+                // SAFETY: creating a socket; the filter should stop it before it exists.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                eprintln!("socket() was not trapped: {fd}");
+            })
+            .unwrap();
+        let _ = t.join();
+        std::process::exit(3);
+    }
+
+    #[test]
+    fn a_forbidden_call_is_trapped_and_aborts() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::trap_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(TRAP_CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "{:?}: {stderr}",
+            out.status
+        );
+        let expected = format!(
+            "cloud-hypervisor: seccomp: thread vcpu-test made forbidden syscall {}\n",
+            libc::SYS_socket
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+}
