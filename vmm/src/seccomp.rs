@@ -382,7 +382,10 @@ fn runtime() -> Allow {
     // glibc gives freed thread stacks and heap back with MADV_DONTNEED.
     .when(libc::SYS_madvise, one_of(2, &[libc::MADV_DONTNEED as u64]))
     // abort() raises SIGABRT on itself.
-    .when(libc::SYS_tgkill, one_of(2, &[libc::SIGABRT as u64]));
+    .when(libc::SYS_tgkill, one_of(2, &[libc::SIGABRT as u64]))
+    // Debug builds of the standard library check that a descriptor is open (F_GETFD) before
+    // taking ownership of it; the test suite runs debug builds.
+    .when(libc::SYS_fcntl, one_of(1, &[libc::F_GETFD as u64]));
     a
 }
 
