@@ -15,7 +15,7 @@
 //! has MSI-X; the configuration is also polled every 20 ms as a fallback (the hint id is only
 //! re-read mid-round after an interrupt, since QEMU shows 0 there while a round runs).
 
-use crate::mm::PfnList;
+use crate::mm::{OwnedPages, PfnList};
 use crate::pci::{self, Access};
 use crate::println;
 use crate::smp::irq_counts;
@@ -25,6 +25,7 @@ use crate::kernel::{mmio_read32, mmio_write32, rdtsc};
 use core::sync::atomic::Ordering;
 use guest_core::buddy::{Buddy, MAX_ORDER};
 use guest_core::cmdline::{Config, HintMode};
+use guest_core::pfnstack::PfnStack;
 use guest_core::PAGE_SIZE;
 
 /// Interrupt vector for configuration changes.
@@ -63,7 +64,9 @@ pub struct Balloon {
     deflate: Queue,
     stats: Option<Queue>,
     fpq: Option<Queue>,
-    pages: PfnList,
+    /// Inflated pages, kept in pages of their own (one per 1022 entries, taken from the pages
+    /// being inflated), so an empty balloon costs no memory.
+    pages: PfnStack,
     held: PfnList,
     scratch: u64,
     inflating: u32,
@@ -79,7 +82,7 @@ pub struct Balloon {
 
 impl Balloon {
     /// Finds the balloon (conf1, or ECAM when `pci_ecam=` is given) and initialises it.
-    pub fn probe(cfg: &Config, apic_id: u32, pages: PfnList, held: PfnList, b: &mut Buddy) -> Option<Balloon> {
+    pub fn probe(cfg: &Config, apic_id: u32, held: PfnList, b: &mut Buddy) -> Option<Balloon> {
         let access = match cfg.pci_ecam {
             Some(e) => Access::Ecam(e),
             None => Access::Conf1,
@@ -92,14 +95,14 @@ impl Balloon {
             println!("guest: balloon {:02x}.{} has no modern virtio capabilities", dev.dev, dev.func);
             return None;
         };
-        let r = Self::init(cfg, apic_id, t, pages, held, b);
+        let r = Self::init(cfg, apic_id, t, held, b);
         if r.is_none() {
             println!("guest: balloon init failed");
         }
         r
     }
 
-    fn init(cfg: &Config, apic_id: u32, t: Transport, pages: PfnList, held: PfnList, b: &mut Buddy) -> Option<Balloon> {
+    fn init(cfg: &Config, apic_id: u32, t: Transport, held: PfnList, b: &mut Buddy) -> Option<Balloon> {
         if !t.reset() {
             return None;
         }
@@ -152,7 +155,7 @@ impl Balloon {
             deflate,
             stats,
             fpq,
-            pages,
+            pages: PfnStack::new(),
             held,
             scratch,
             inflating: 0,
@@ -290,9 +293,8 @@ impl Balloon {
                     }
                     None => break,
                 };
-                if !self.pages.push(p) {
-                    let _ = b.free(p, 0);
-                    break;
+                if !self.pages.push(&mut OwnedPages, p) {
+                    continue; // `p` became a page of the list itself
                 }
                 // SAFETY: the inflate area of the scratch page has room for 256 PFNs.
                 unsafe { buf.add(got).write(p) };
@@ -307,7 +309,11 @@ impl Balloon {
             let n = (have - target).min(256);
             let buf = (self.scratch + SCR_DEFLATE) as *mut u32;
             for i in 0..n {
-                let Some(p) = self.pages.pop() else { break };
+                let Some(p) = self.pages.pop(&mut OwnedPages, |node| {
+                    let _ = b.free(node, 0);
+                }) else {
+                    break;
+                };
                 // SAFETY: the deflate area has room for 256 PFNs.
                 unsafe { buf.add(i).write(p) };
                 self.deflating += 1;

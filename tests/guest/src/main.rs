@@ -61,17 +61,15 @@ fn bsp_main(start_info: u64) -> ! {
     let ram_pages = bi.ram_bytes() / PAGE_SIZE;
     let live_cap = (cfg.used_mib * 256 + cfg.fragment_mib * 128).min(ram_pages) as usize;
     let hot_cap = (cfg.hot_mib * 256).min(ram_pages) as usize;
-    let balloon_cap = ram_pages as usize;
     let hint_cap = (ram_pages >> 10) as usize + 16;
-    let need = mm::buddy_metadata_bytes(max_pfn) + 4 * (live_cap + hot_cap + balloon_cap + hint_cap) as u64 + 4096;
+    let need = mm::buddy_metadata_bytes(max_pfn) + 4 * (live_cap + hot_cap + hint_cap) as u64 + 4096;
     let Some(mut carve) = mm::Carve::find(&bi, need, max_pfn * PAGE_SIZE) else {
         fail(format_args!("no room for {} bytes of metadata", need))
     };
     let Some(mut buddy) = mm::build_allocator(&bi, &mut carve, max_pfn) else {
         fail(format_args!("allocator setup failed"))
     };
-    let (Some(live), Some(hot), Some(balloon_list), Some(hint_list)) =
-        (carve.list(live_cap), carve.list(hot_cap), carve.list(balloon_cap), carve.list(hint_cap))
+    let (Some(live), Some(hot), Some(hint_list)) = (carve.list(live_cap), carve.list(hot_cap), carve.list(hint_cap))
     else {
         fail(format_args!("metadata carve too small"))
     };
@@ -122,7 +120,7 @@ fn bsp_main(start_info: u64) -> ! {
     let work_ms = time::ticks_to_us(kernel::rdtsc() - t_work) / 1000;
 
     // balloon
-    let mut dev = balloon::Balloon::probe(&cfg, apic_id, balloon_list, hint_list, &mut buddy);
+    let mut dev = balloon::Balloon::probe(&cfg, apic_id, hint_list, &mut buddy);
 
     println!(
         "guest: setup_ms={} workload_ms={} used={} fragment_kept={} hot={} dirty={} cpus={} hint={}",

@@ -1,12 +1,14 @@
-//! Guest memory management: a bump "carve" for metadata (allocator arrays, page lists) taken
-//! from RAM before the allocator exists, and the buddy allocator over everything else.
+//! Guest memory management: a bump "carve" for metadata (allocator bitmaps, the workload's page
+//! lists) taken from RAM before the allocator exists, and the buddy allocator over everything
+//! else. The balloon keeps its inflated pages in pages of their own ([`OwnedPages`]), not here.
 //!
 //! Never managed: the first 1 MiB, the guest image with its stacks and page tables (up to
 //! `__image_end`), and the carved metadata.
 
 use crate::boot::__image_end;
 use crate::bootinfo::BootInfo;
-use guest_core::buddy::{Buddy, Link};
+use guest_core::buddy::Buddy;
+use guest_core::pfnstack::PageWords;
 use guest_core::PAGE_SIZE;
 
 /// A growable-up-to-capacity list of u32 PFNs in carved memory.
@@ -112,16 +114,15 @@ pub fn image_end() -> u64 {
     core::ptr::addr_of!(__image_end) as u64
 }
 
-/// Bytes of carve needed for allocator metadata covering PFNs `0..max_pfn`.
+/// Bytes of carve needed for allocator metadata covering PFNs `0..max_pfn` (~2 bits per page).
 pub fn buddy_metadata_bytes(max_pfn: u64) -> u64 {
-    max_pfn * Buddy::metadata_bytes_per_page() as u64 + 256
+    Buddy::metadata_bytes(0, max_pfn as u32) as u64 + 256
 }
 
 /// Builds the allocator for PFNs `0..max_pfn` and frees every usable RAM page into it.
 pub fn build_allocator(bi: &BootInfo, carve: &mut Carve, max_pfn: u64) -> Option<Buddy<'static>> {
-    let links: &'static mut [Link] = carve.slice(max_pfn as usize)?;
-    let state: &'static mut [u8] = carve.slice(max_pfn as usize)?;
-    let mut b = Buddy::new(links, state, 0)?;
+    let bits: &'static mut [u64] = carve.slice(Buddy::metadata_words(0, max_pfn as u32))?;
+    let mut b = Buddy::new(bits, 0, max_pfn as u32)?;
     let lo = image_end().max(1 << 20);
     let limit = max_pfn * PAGE_SIZE;
     let (cs, ce) = (carve.start & !(PAGE_SIZE - 1), carve.end());
@@ -135,4 +136,21 @@ pub fn build_allocator(bi: &BootInfo, carve: &mut Carve, max_pfn: u64) -> Option
         }
     }
     Some(b)
+}
+
+/// Word access to pages the caller owns, through the identity map (for [`guest_core::pfnstack`]).
+pub struct OwnedPages;
+
+impl PageWords for OwnedPages {
+    fn read(&self, pfn: u32, i: usize) -> u32 {
+        debug_assert!(i < 1024);
+        // SAFETY: the caller owns page `pfn` (allocated from the buddy allocator, identity mapped).
+        unsafe { ((pfn as u64 * PAGE_SIZE) as *const u32).add(i).read() }
+    }
+
+    fn write(&mut self, pfn: u32, i: usize, v: u32) {
+        debug_assert!(i < 1024);
+        // SAFETY: as above.
+        unsafe { ((pfn as u64 * PAGE_SIZE) as *mut u32).add(i).write(v) }
+    }
 }

@@ -3,7 +3,9 @@
 //! Everything here is plain, safe(ish) Rust without any hardware access, so it builds for the
 //! guest (`no_std`) and is unit-tested on the host with `cargo test -p guest-core`:
 //!
-//! * [`buddy`]: the page allocator (free lists per order 0..=10, split and coalesce),
+//! * [`buddy`]: the page allocator (per-order bitmaps of free blocks, orders 0..=10, split and
+//!   coalesce; ~2 bits of metadata per page),
+//! * [`pfnstack`]: an unbounded PFN stack kept in pages it is given (the balloon's pages),
 //! * [`cmdline`]: the `key=value` command line parser,
 //! * [`pattern`]: the self-describing page pattern used to detect lost, stale or zero pages,
 //! * [`fmt`]: a tiny fixed-buffer formatter for serial lines,
@@ -16,6 +18,7 @@ pub mod cmdline;
 pub mod fmt;
 pub mod mptable;
 pub mod pattern;
+pub mod pfnstack;
 
 /// Size of a base page (the unit of the allocator and of balloon PFNs).
 pub const PAGE_SIZE: u64 = 4096;
