@@ -104,11 +104,12 @@ impl Vmm {
     }
 
     fn spawn(scratch: Scratch, api: PathBuf, serial: PathBuf, args: &[String]) -> Vmm {
+        let stderr = std::fs::File::create(scratch.path("vmm.stderr")).expect("stderr file");
         let child = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("spawn cloud-hypervisor");
         let vmm = Vmm {
@@ -187,13 +188,9 @@ impl Vmm {
         self.child.try_wait().ok().flatten().is_none()
     }
 
-    /// Everything the process wrote on stderr (after it exited).
-    pub fn stderr_text(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(err) = self.child.stderr.as_mut() {
-            let _ = std::io::Read::read_to_string(err, &mut s);
-        }
-        s
+    /// Everything the process wrote on stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(self.scratch.path("vmm.stderr")).unwrap_or_default()
     }
 }
 
@@ -201,6 +198,16 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The scratch directory goes away with us: show what the VMM said first.
+            eprintln!("--- VMM stderr ({}):\n{}", self.api.display(), self.stderr_text());
+            let serial = self.serial_text();
+            let tail: Vec<&str> = serial.lines().rev().take(20).collect();
+            eprintln!("--- serial, last lines:");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
