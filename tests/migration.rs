@@ -205,7 +205,17 @@ fn garbage_to_a_receiving_vmm_is_refused_cleanly() {
     while !path.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut conn = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    // The socket file appears at bind(), a moment before listen(): retry a refused connect.
+    let mut conn = loop {
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the receiver: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("the receiver never listened: {e}"),
+        }
+    };
     let _ = conn.write_all(b"GET / HTTP/1.1\r\nHost: nonsense\r\n\r\n and more garbage bytes");
     let received = receiver.join().unwrap();
     assert!(!received.status.success());

@@ -45,7 +45,7 @@ fn vcpu_state_restored_into_a_fresh_vm_continues_the_guest() {
     let snapshot = source.snapshot().unwrap();
     let json = serde_json::to_vec(&snapshot).unwrap();
     let snapshot: vmm::vm::VmSnapshot = serde_json::from_slice(&json).unwrap();
-    let seq_before = last_verify_seq(&std::fs::read_to_string(&serial1).unwrap()).unwrap();
+    let seq_before = last_verify_seq(&common::complete_lines(&serial1)).unwrap();
 
     let mut dest = Vm::new(config(serial2.clone()), &hv, sink).unwrap();
     let mut buf = vec![0u8; 1 << 20];
@@ -63,7 +63,7 @@ fn vcpu_state_restored_into_a_fresh_vm_continues_the_guest() {
     dest.resume().unwrap();
 
     let line = wait_line_in(&serial2, "guest: verify ok", 1, Duration::from_secs(30));
-    let text = std::fs::read_to_string(&serial2).unwrap();
+    let text = common::complete_lines(&serial2);
     assert!(!text.contains("FAILED"), "{text}");
     let seq_after = last_verify_seq(&text).unwrap();
     assert!(

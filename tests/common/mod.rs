@@ -2,7 +2,6 @@
 //! and a serial log, and `ch-remote`.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -131,9 +130,9 @@ impl Vmm {
         ch_remote(&self.api, args)
     }
 
-    /// The serial log so far.
+    /// The complete lines of the serial log so far.
     pub fn serial_text(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
+        complete_lines(&self.serial)
     }
 
     /// Waits for a serial line starting with `prefix`; returns it. Panics with the log on timeout.
@@ -233,15 +232,10 @@ pub fn last_verify_seq(text: &str) -> Option<u64> {
 pub fn wait_line_in(path: &Path, prefix: &str, skip: usize, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(f) = std::fs::File::open(path) {
-            let line = BufReader::new(f)
-                .lines()
-                .map_while(Result::ok)
-                .filter(|l| l.starts_with(prefix))
-                .nth(skip);
-            if let Some(line) = line {
-                return line;
-            }
+        let text = complete_lines(path);
+        let line = text.lines().filter(|l| l.starts_with(prefix)).nth(skip);
+        if let Some(line) = line {
+            return line.to_string();
         }
         if Instant::now() >= deadline {
             let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -249,6 +243,14 @@ pub fn wait_line_in(path: &Path, prefix: &str, skip: usize, timeout: Duration) -
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// The file's text up to its last newline: a line still being written is left out.
+pub fn complete_lines(path: &Path) -> String {
+    let mut text = std::fs::read_to_string(path).unwrap_or_default();
+    let end = text.rfind('\n').map_or(0, |i| i + 1);
+    text.truncate(end);
+    text
 }
 
 /// Parses `key=<n>` out of a line.

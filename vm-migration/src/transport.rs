@@ -23,6 +23,9 @@ use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile}
 /// Default read/write timeout on migration streams.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long [`MigrationStream::connect`] keeps retrying a destination that is not listening yet.
+pub const LISTEN_GRACE: Duration = Duration::from_secs(2);
+
 /// Errors parsing URLs or opening migration connections.
 #[derive(Debug, Error)]
 pub enum TransportError {
@@ -145,9 +148,32 @@ pub enum MigrationStream {
 }
 
 impl MigrationStream {
-    /// Connects to `url`, giving up after `timeout` (TCP; a UNIX connect does not wait), and
-    /// sets read/write timeouts of `io_timeout`.
+    /// Connects to `url`, giving up after `timeout`, and sets read/write timeouts of
+    /// `io_timeout`. A destination that is not listening yet (connection refused, no socket
+    /// file) is retried for up to [`LISTEN_GRACE`] of that time, so a receiver started a moment
+    /// earlier does not lose the race.
     pub fn connect(
+        url: &MigrationUrl,
+        timeout: Duration,
+        io_timeout: Option<Duration>,
+    ) -> Result<Self, TransportError> {
+        let deadline = std::time::Instant::now() + timeout.min(LISTEN_GRACE);
+        loop {
+            match Self::connect_once(url, timeout, io_timeout) {
+                Err(TransportError::Connect { source, .. })
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn connect_once(
         url: &MigrationUrl,
         timeout: Duration,
         io_timeout: Option<Duration>,

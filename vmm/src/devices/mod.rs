@@ -98,7 +98,8 @@ impl DeviceManager {
                     vm.register_irqfd(&irq, COM1_IRQ)
                         .map_err(DeviceError::Irq)?;
                     let trigger = irq.try_clone().map_err(DeviceError::EventFd)?;
-                    let device = Arc::new(Mutex::new(SerialDevice::new(trigger, out)));
+                    let interactive = config.serial.mode == crate::config::ConsoleOutputMode::Tty;
+                    let device = Arc::new(Mutex::new(SerialDevice::new(trigger, out, interactive)));
                     pio.insert(device.clone(), COM1_BASE, COM1_LEN)
                         .map_err(DeviceError::Bus)?;
                     if config.serial.mode == crate::config::ConsoleOutputMode::Tty {

@@ -53,23 +53,37 @@ pub struct SerialDevice {
     serial: Serial<IrqfdTrigger, NoEvents, LineWriter>,
 }
 
-/// Flushes the output at each newline, so log files and pipes see whole lines promptly.
-pub struct LineWriter(std::io::LineWriter<Box<dyn Write + Send>>);
+/// The UART's output. The UART model flushes after every byte the guest sends; a terminal
+/// should see each byte at once (prompts have no newline), but a file gets whole lines, written
+/// when their newline arrives, so readers never see half a line and the VMM makes one write
+/// per line instead of one per byte.
+pub struct LineWriter {
+    inner: std::io::LineWriter<Box<dyn Write + Send>>,
+    interactive: bool,
+}
 
 impl Write for LineWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
+        self.inner.write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        if self.interactive {
+            self.inner.flush()
+        } else {
+            Ok(())
+        }
     }
 }
 
 impl SerialDevice {
-    /// A UART raising `irq` and writing to `out`.
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+    /// A UART raising `irq` and writing to `out`; `interactive` when `out` is a terminal.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>, interactive: bool) -> Self {
+        let out = LineWriter {
+            inner: std::io::LineWriter::new(out),
+            interactive,
+        };
         SerialDevice {
-            serial: Serial::new(IrqfdTrigger(irq), LineWriter(std::io::LineWriter::new(out))),
+            serial: Serial::new(IrqfdTrigger(irq), out),
         }
     }
 }
@@ -119,16 +133,18 @@ mod tests {
     fn registers_and_output() {
         let out = Shared::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()), false);
         // LSR: transmitter empty and holding register empty.
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_eq!(lsr[0] & 0x60, 0x60);
         // Enable the THR-empty interrupt, then send a line.
         dev.write(1, &[0x02]);
-        for b in b"hi\n" {
+        for b in b"hi" {
             dev.write(0, &[*b]);
         }
+        assert!(out.0.lock().unwrap().is_empty(), "half a line is held back");
+        dev.write(0, b"\n");
         assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
         assert!(irq.read().unwrap() >= 1, "THR empty raises the interrupt");
         // Scratch register round trip.
@@ -141,7 +157,7 @@ mod tests {
     #[test]
     fn typed_input_reaches_the_guest() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(std::io::sink()));
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(std::io::sink()), false);
         dev.write(1, &[0x01]); // received-data interrupt on
         assert_eq!(dev.enqueue_input(b"ok"), 2);
         let mut lsr = [0u8];
