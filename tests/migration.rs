@@ -22,12 +22,32 @@ fn migrate(src: &Vmm, dst: &Vmm, receiver_url: &str, send_args: &str) -> (Output
         while !std::path::Path::new(path).exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-    } else {
-        std::thread::sleep(Duration::from_millis(500));
+    } else if let Some(port) = receiver_url.rsplit(':').next().and_then(|p| p.parse().ok()) {
+        wait_tcp_listen(port, Duration::from_secs(10));
     }
     let sent = src.remote(&["send-migration", send_args]);
     let received = receiver.join().expect("receiver thread");
     (sent, received)
+}
+
+/// Waits until something listens on TCP `port` (without connecting: the receiver accepts
+/// exactly one connection).
+fn wait_tcp_listen(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let needle = format!(":{port:04X} ");
+    while Instant::now() < deadline {
+        let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+            std::fs::read_to_string(f).unwrap_or_default().lines().any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && format!("{} ", cols[1]).ends_with(&needle) && cols[3] == "0A"
+            })
+        });
+        if listening {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listens on TCP port {port}");
 }
 
 fn report(out: &Output) -> serde_json::Value {
