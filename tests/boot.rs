@@ -89,7 +89,11 @@ fn create_and_boot_through_the_api() {
     std::fs::write(&path, config.to_string()).unwrap();
     assert_eq!(info_state_or_error(&vmm), None, "no VM before vm.create");
     let out = vmm.remote(&["create", path.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(info_state(&vmm), "Created");
     assert!(vmm.remote(&["boot"]).status.success());
     vmm.wait_line("guest: ready", READY);

@@ -198,7 +198,11 @@ fn requests_and_output() {
 #[test]
 fn ping_and_shutdown_vmm() {
     assert!(
-        std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
         "/dev/kvm is not usable: this test needs KVM"
     );
     let path = socket_path("vmm");

@@ -199,7 +199,11 @@ impl Drop for Vmm {
         let _ = self.child.wait();
         if std::thread::panicking() {
             // The scratch directory goes away with us: show what the VMM said first.
-            eprintln!("--- VMM stderr ({}):\n{}", self.api.display(), self.stderr_text());
+            eprintln!(
+                "--- VMM stderr ({}):\n{}",
+                self.api.display(),
+                self.stderr_text()
+            );
             let serial = self.serial_text();
             let tail: Vec<&str> = serial.lines().rev().take(20).collect();
             eprintln!("--- serial, last lines:");

@@ -34,7 +34,6 @@ use crate::ranges::{MemoryRange, MemoryRangeTable, RamRegions, PAGE_SIZE};
 /// Smallest command id that starts a hinting round (0 is STOP, 1 is DONE).
 pub const MIN_HINT_CMD_ID: u32 = 2;
 
-
 /// Errors from hint rounds and dirty rounds.
 #[derive(Debug, Error)]
 pub enum HintError {
@@ -628,7 +627,10 @@ mod tests {
         let mut r = HintRound::new(&big, DirtyLoggingStarted::confirm());
         r.request(2).unwrap();
         let verdict = r.apply(2, MemoryRange::new(1 << 20, (2 << 30) - (1 << 20)));
-        assert!(matches!(verdict, HintVerdict::Accepted { .. }), "{verdict:?}");
+        assert!(
+            matches!(verdict, HintVerdict::Accepted { .. }),
+            "{verdict:?}"
+        );
         assert_eq!(r.finish().unwrap().table.total_bytes(), 1 << 20);
     }
 

@@ -70,7 +70,8 @@ pub struct Vmm {
 
 /// Runs the VMM until it is told to stop; returns the process exit code.
 pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
-    let hypervisor: Arc<dyn Hypervisor> = Arc::new(KvmHypervisor::new().map_err(VmmError::Hypervisor)?);
+    let hypervisor: Arc<dyn Hypervisor> =
+        Arc::new(KvmHypervisor::new().map_err(VmmError::Hypervisor)?);
     let (tx, rx) = channel();
     let mut vmm = Vmm {
         hypervisor,
@@ -151,7 +152,10 @@ impl Vmm {
                 VmmEvent::Api(req, reply) => {
                     let shutdown_vmm = matches!(req, ApiRequest::VmmShutdown);
                     let result = self.handle_api(req);
-                    let vm_gone = self.vm.as_ref().is_none_or(|vm| vm.state() == VmState::Shutdown);
+                    let vm_gone = self
+                        .vm
+                        .as_ref()
+                        .is_none_or(|vm| vm.state() == VmState::Shutdown);
                     // The client may have hung up; the request was still carried out.
                     let _ = reply.send(result);
                     if shutdown_vmm || self.migrated || (self.exit_with_vm && vm_gone) {
@@ -217,7 +221,10 @@ impl Vmm {
                 }
                 config
                     .validate_resources()
-                    .map_err(|e| ApiError::InvalidConfig { endpoint: "vm.create", source: e })?;
+                    .map_err(|e| ApiError::InvalidConfig {
+                        endpoint: "vm.create",
+                        source: e,
+                    })?;
                 self.create_vm(*config).map_err(vm_error)?;
                 Ok(None)
             }
@@ -255,24 +262,30 @@ impl Vmm {
             ApiRequest::VmResize(data) => {
                 let vm = self.vm.as_ref().ok_or_else(no_vm)?;
                 let Some(size) = data.desired_balloon else {
-                    return Err(ApiError::Unsupported("resizing anything but the balloon".into()));
+                    return Err(ApiError::Unsupported(
+                        "resizing anything but the balloon".into(),
+                    ));
                 };
-                let balloon = vm
-                    .balloon()
-                    .ok_or_else(|| ApiError::InvalidState("the VM has no balloon (--balloon)".into()))?;
+                let balloon = vm.balloon().ok_or_else(|| {
+                    ApiError::InvalidState("the VM has no balloon (--balloon)".into())
+                })?;
                 if size >= vm.config().memory.size {
                     return Err(ApiError::BadRequest(format!(
                         "desired_balloon {size} must be smaller than the VM's memory ({})",
                         vm.config().memory.size
                     )));
                 }
-                balloon.resize(size).map_err(|e| ApiError::internal("cannot resize the balloon", e))?;
+                balloon
+                    .resize(size)
+                    .map_err(|e| ApiError::internal("cannot resize the balloon", e))?;
                 Ok(None)
             }
             ApiRequest::VmSendMigration(data) => {
                 let vm = self.vm.as_mut().ok_or_else(no_vm)?;
                 let hinter = vm.free_page_hinter();
-                let hinter = hinter.as_ref().map(|h| h as &dyn migration::hints::FreePageHinter);
+                let hinter = hinter
+                    .as_ref()
+                    .map(|h| h as &dyn migration::hints::FreePageHinter);
                 let report = migration::send::send_migration(vm, &data, hinter)
                     .map_err(|e| ApiError::internal("migration failed", e))?;
                 log::info!("migration completed: {report:?}");
@@ -305,7 +318,9 @@ impl Vmm {
             }
             ApiRequest::VmBalloonHintsPut(action) => {
                 let balloon = self.balloon()?;
-                let err = |e: virtio_devices::BalloonError| ApiError::InvalidState(crate::api::error_chain(&e));
+                let err = |e: virtio_devices::BalloonError| {
+                    ApiError::InvalidState(crate::api::error_chain(&e))
+                };
                 match action.action {
                     HintAction::Start => {
                         // Outside a migration the hints are only counted, as Firecracker does.

@@ -18,6 +18,5 @@ pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
-
 pub use controller::{start_vmm, VmmError, VmmParams};
 pub use seccomp::SeccompMode;

@@ -148,7 +148,12 @@ impl VcpuManager {
             self.control.lock().request = Request::Pause;
         }
         for (id, vcpu) in self.vcpus.iter().enumerate() {
-            let (vcpu, control, handlers, events) = (vcpu.clone(), self.control.clone(), handlers.clone(), events.clone());
+            let (vcpu, control, handlers, events) = (
+                vcpu.clone(),
+                self.control.clone(),
+                handlers.clone(),
+                events.clone(),
+            );
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || vcpu_loop(id, &vcpu, &control, &handlers, &events, seccomp))
@@ -285,7 +290,10 @@ fn vcpu_loop(
                 state.parked += 1;
                 control.changed.notify_all();
                 while state.request == Request::Pause {
-                    state = control.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                    state = control
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(|e| e.into_inner());
                 }
                 state.parked -= 1;
             }
@@ -299,7 +307,10 @@ fn vcpu_loop(
                 state.parked += 1;
                 control.changed.notify_all();
                 while state.request != Request::Stop {
-                    state = control.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+                    state = control
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(|e| e.into_inner());
                 }
                 state.parked -= 1;
                 state.exited += 1;
@@ -338,7 +349,9 @@ fn vcpu_loop(
             Ok(VmExit::Reset) => Some(VcpuExitEvent::Reset),
             Ok(VmExit::InternalError(why)) => {
                 let rip = v.regs().map(|r| r.rip).unwrap_or(0);
-                Some(VcpuExitEvent::Failed(format!("vcpu{id}: {why} at rip {rip:#x}")))
+                Some(VcpuExitEvent::Failed(format!(
+                    "vcpu{id}: {why} at rip {rip:#x}"
+                )))
             }
             Ok(VmExit::Other(what)) => {
                 log::warn!("vcpu{id}: unexpected exit {what}");

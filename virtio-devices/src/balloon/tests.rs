@@ -760,7 +760,10 @@ fn stale_ids_and_hints_outside_a_round_are_ignored() {
     h.add(QueueKind::FreePage, &[(20 * MIB, 4 * MIB as u32, true)]);
     cmd(&mut h, BUF + 16, FREE_PAGE_HINT_CMD_ID_STOP);
     h.run();
-    assert!(second.take_ranges().is_empty(), "hints after the device's STOP are not delivered");
+    assert!(
+        second.take_ranges().is_empty(),
+        "hints after the device's STOP are not delivered"
+    );
     // A second STOP, DONE from the driver, and a late id: ignored too.
     cmd(&mut h, BUF + 24, FREE_PAGE_HINT_CMD_ID_STOP);
     cmd(&mut h, BUF + 32, FREE_PAGE_HINT_CMD_ID_DONE);

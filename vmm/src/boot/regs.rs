@@ -103,7 +103,13 @@ pub fn setup_boot_vcpu(
         ..Default::default()
     };
     let data = segment(2);
-    for seg in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
+    for seg in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
         *seg = data;
     }
     match entry {
