@@ -29,21 +29,6 @@ fn rss_mib(vmm: &Vmm) -> u64 {
     kib / 1024
 }
 
-fn wait_actual_pages(vmm: &Vmm, pages: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let c = json(vmm.remote(&["counters"]));
-        if c["balloon"]["actual_pages"] == pages {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "balloon never reached {pages} pages: {c}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn inflate_and_deflate_follow_resize() {
     let mut vmm = Vmm::boot(
@@ -60,7 +45,7 @@ fn inflate_and_deflate_follow_resize() {
         .remote(&["resize", "--balloon", "256M"])
         .status
         .success());
-    wait_actual_pages(&vmm, 256 * 256);
+    vmm.wait_balloon_pages(256 * 256);
     let info = json(vmm.remote(&["info"]));
     assert_eq!(info["memory_actual_size"], (2048u64 - 256) << 20);
     let rss_inflated = rss_mib(&vmm);
@@ -71,7 +56,7 @@ fn inflate_and_deflate_follow_resize() {
     let seq = vmm.wait_seq_above(seq + 1, Duration::from_secs(20));
 
     assert!(vmm.remote(&["resize", "--balloon", "0"]).status.success());
-    wait_actual_pages(&vmm, 0);
+    vmm.wait_balloon_pages(0);
     let info = json(vmm.remote(&["info"]));
     assert_eq!(info["memory_actual_size"], 2048u64 << 20);
     let counters = json(vmm.remote(&["counters"]));

@@ -374,19 +374,7 @@ fn an_inflated_balloon_stays_inflated() {
         .remote(&["resize", "--balloon", "256M"])
         .status
         .success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let c: serde_json::Value =
-            serde_json::from_slice(&src.remote(&["counters"]).stdout).unwrap();
-        if c["balloon"]["actual_pages"] == 65536 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the balloon did not inflate: {c}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    src.wait_balloon_pages(65536);
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
     let (sent, _) = migrate(&src, &dst, &url, &url);
     report(&sent);

@@ -83,21 +83,6 @@ fn ok(vmm: &Vmm, args: &[&str]) {
     );
 }
 
-fn wait_actual_pages(vmm: &Vmm, pages: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let c = json(vmm.remote(&["counters"]));
-        if c["balloon"]["actual_pages"] == pages {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "balloon never reached {pages} pages: {c}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The VMM exited 0 and said nothing about seccomp.
 fn assert_clean_exit(vmm: &mut Vmm) {
     let code = vmm.wait_exit(Duration::from_secs(15));
@@ -140,7 +125,7 @@ fn check_destination(mut src: Vmm, mut dst: Vmm) {
     let info = json(dst.remote(&["info"]));
     assert_eq!(info["state"], "Running");
     ok(&dst, &["resize", "--balloon", "64M"]);
-    wait_actual_pages(&dst, 64 * 256);
+    dst.wait_balloon_pages(64 * 256);
     ok(&dst, &["pause"]);
     ok(&dst, &["resume"]);
     json(dst.remote(&["counters"]));
@@ -169,9 +154,9 @@ fn api_calls_and_a_migration_run_under_the_default_filters() {
     assert_eq!(json(src.remote(&["info"]))["state"], "Paused");
     ok(&src, &["resume"]);
     ok(&src, &["resize", "--balloon", "128M"]);
-    wait_actual_pages(&src, 128 * 256);
+    src.wait_balloon_pages(128 * 256);
     ok(&src, &["resize", "--balloon", "0"]);
-    wait_actual_pages(&src, 0);
+    src.wait_balloon_pages(0);
     let hints = json(src.remote(&["balloon-hints", "start"]));
     assert!(hints["pages"].as_u64().unwrap() > 0, "{hints}");
     json(src.remote(&["balloon-hints"]));
@@ -200,11 +185,11 @@ fn local_migration_of_shared_memory_runs_under_the_filters() {
     src.wait_line("guest: ready", READY);
     src.wait_seq_above(0, READY);
     ok(&src, &["resize", "--balloon", "128M"]);
-    wait_actual_pages(&src, 128 * 256);
+    src.wait_balloon_pages(128 * 256);
     let counters = json(src.remote(&["counters"]));
     assert_eq!(counters["balloon"]["release_errors"], 0, "{counters}");
     ok(&src, &["resize", "--balloon", "0"]);
-    wait_actual_pages(&src, 0);
+    src.wait_balloon_pages(0);
 
     let dst = Vmm::waiting("seccomp-local-dst");
     let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
@@ -237,7 +222,7 @@ fn a_vm_created_through_the_api_runs_under_the_filters() {
     vmm.wait_seq_above(0, READY);
     assert_all_filtered(&vmm, &["vcpu0", "vcpu1", "http-server", "balloon-worker"]);
     ok(&vmm, &["resize", "--balloon", "64M"]);
-    wait_actual_pages(&vmm, 64 * 256);
+    vmm.wait_balloon_pages(64 * 256);
     ok(&vmm, &["shutdown"]);
     ok(&vmm, &["delete"]);
     ok(&vmm, &["ping"]);

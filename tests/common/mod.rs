@@ -167,6 +167,23 @@ impl Vmm {
         }
     }
 
+    /// Waits until the guest's balloon driver holds exactly `pages` pages (vm.counters).
+    pub fn wait_balloon_pages(&self, pages: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.remote(&["counters"]);
+            let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if c["balloon"]["actual_pages"] == pages {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "balloon never reached {pages} pages: {c}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
         let deadline = Instant::now() + timeout;
