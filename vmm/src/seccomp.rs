@@ -10,7 +10,7 @@
 //!
 //! Every list also holds what the Rust and C runtimes need on any thread: memory allocation
 //! (`mmap`/`mprotect` never with `PROT_EXEC`), futexes, clocks, signal return, logging to
-//! standard error or the log file, thread exit, and the `abort` that follows a forbidden call.
+//! standard error or the log file, thread exit, and the `abort` that follows a fatal call.
 //!
 //! Filters are inherited and stack: a thread started by a filtered thread runs under its parent's
 //! filter as well as its own, and a call goes through only if every filter allows it. vCPU
@@ -20,17 +20,18 @@
 //! `CLONE_THREAD`, so never a new process): a second, tiny filter makes `clone3`, whose flags a
 //! filter cannot read, fail with `ENOSYS`, and glibc then falls back to `clone`.
 //!
-//! [`SeccompMode::Enabled`] traps a forbidden call: a `SIGSYS` handler prints
-//! `cloud-hypervisor: seccomp: thread <name> made forbidden syscall <nr>` and aborts.
+//! [`SeccompMode::Enabled`] traps a call outside the list ([`trap`]): one that could escape
+//! the sandbox (exec, fork, ptrace, executable memory, ...) prints
+//! `cloud-hypervisor: seccomp: thread <name> made forbidden syscall <nr>` and aborts; any other
+//! fails with `EPERM` and is counted (`vm.counters`), since libraries make calls the VMM never
+//! names and handle their failure: a VMM killed there would lose its guest.
 //! [`SeccompMode::Log`] lets it through and has the kernel log it (audit log / `dmesg`).
 //! A panic on a filtered thread with `RUST_BACKTRACE` set is such a call (the panic hook reads
 //! this executable's debug information): run with `--seccomp false` to get backtraces.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Once;
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_enable_cap,
@@ -45,10 +46,14 @@ use seccompiler::{
 use thiserror::Error;
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
+pub mod trap;
+pub use trap::{refused_calls, RefusedCalls};
+
 /// Whether and how the filters are applied (`--seccomp true|false|log`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SeccompMode {
-    /// A forbidden system call kills the process, after one line on standard error.
+    /// A call outside the list fails with `EPERM` (or, if it could escape the sandbox, kills
+    /// the process), after one line on standard error.
     #[default]
     Enabled,
     /// A forbidden system call goes through and the kernel logs it.
@@ -666,9 +671,9 @@ pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     let allow = program(kind, on_mismatch)?;
     let clone3 = no_clone3()?;
     if mode == SeccompMode::Enabled {
-        install_sigsys_handler();
+        trap::install_handler();
     }
-    remember_thread_name(kind);
+    trap::remember_thread_name(kind.name());
     let install = |e| SeccompError::Install(kind.name(), e);
     seccompiler::apply_filter(&clone3).map_err(install)?;
     seccompiler::apply_filter(&allow).map_err(install)?;
@@ -677,115 +682,6 @@ pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
         kind.name()
     );
     Ok(())
-}
-
-thread_local! {
-    /// The thread's name, NUL padded, for the SIGSYS handler (which must not allocate or lock).
-    static THREAD_NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
-}
-
-fn remember_thread_name(kind: ThreadKind) {
-    let current = std::thread::current();
-    let name = current.name().unwrap_or(kind.name()).as_bytes();
-    let mut buf = [0u8; 16];
-    let n = name.len().min(buf.len());
-    buf[..n].copy_from_slice(&name[..n]);
-    THREAD_NAME.with(|c| c.set(buf));
-}
-
-/// The start of `siginfo_t` as the kernel fills it for SIGSYS (see `<asm-generic/siginfo.h>`).
-#[repr(C)]
-struct SigsysInfo {
-    signo: libc::c_int,
-    errno: libc::c_int,
-    code: libc::c_int,
-    _pad: libc::c_int,
-    call_addr: *mut libc::c_void,
-    syscall: libc::c_int,
-    arch: libc::c_uint,
-}
-
-/// A fixed buffer to format the message in without allocating.
-struct Line {
-    buf: [u8; 160],
-    len: usize,
-}
-
-impl Line {
-    fn push(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if self.len < self.buf.len() {
-                self.buf[self.len] = b;
-                self.len += 1;
-            }
-        }
-    }
-
-    fn push_number(&mut self, mut n: i64) {
-        if n < 0 {
-            self.push(b"-");
-            n = -n;
-        }
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
-    }
-}
-
-extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler; for SIGSYS its
-    // start has the layout of `SigsysInfo`, which is smaller than siginfo_t.
-    let nr = unsafe { (*(info as *const SigsysInfo)).syscall };
-    let name = THREAD_NAME.with(|c| c.get());
-    let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    let mut line = Line {
-        buf: [0; 160],
-        len: 0,
-    };
-    line.push(b"cloud-hypervisor: seccomp: thread ");
-    line.push(if name_len == 0 {
-        b"?"
-    } else {
-        &name[..name_len]
-    });
-    line.push(b" made forbidden syscall ");
-    line.push_number(i64::from(nr));
-    line.push(b"\n");
-    // SAFETY: write(2) and abort(3) are async-signal-safe; the buffer outlives the call. Every
-    // filter allows what they use (write, rt_sigprocmask, getpid, gettid, tgkill(SIGABRT)).
-    unsafe {
-        libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len);
-        libc::abort();
-    }
-}
-
-/// Installs the SIGSYS handler, once per process.
-fn install_sigsys_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction with a valid handler address and an empty mask is a valid
-        // argument; the handler only formats into a stack buffer, writes and aborts.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = sigsys_handler as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
-                log::warn!(
-                    "seccomp: cannot install the SIGSYS handler: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    });
 }
 
 #[cfg(test)]
@@ -997,31 +893,60 @@ mod tests {
         assert_eq!(create, Some(libc::EPERM));
     }
 
-    /// Set in the child process of [`a_forbidden_call_is_trapped_and_aborts`].
+    /// Set in the child process of the trap tests: which call to make.
     const TRAP_CHILD: &str = "VMM_SECCOMP_TRAP_CHILD";
 
-    /// Child side: does nothing unless [`TRAP_CHILD`] is set.
+    /// Child side: does nothing unless [`TRAP_CHILD`] is set. Makes a refused call (`socket`,
+    /// then exits 3 with what it returned) or a fatal one (`execve`).
     #[test]
     fn trap_child() {
-        if std::env::var_os(TRAP_CHILD).is_none() {
+        let Some(which) = std::env::var_os(TRAP_CHILD) else {
             return;
-        }
+        };
         let t = std::thread::Builder::new()
             .name("vcpu-test".into())
-            .spawn(|| {
+            .spawn(move || {
                 apply(ThreadKind::Vcpu, SeccompMode::Enabled).unwrap();
-                // SAFETY: creating a socket; the filter should stop it before it exists.
+                if which == "malloc" {
+                    // Fill and empty this thread's malloc arena: glibc then shrinks its heap,
+                    // and the first time it does it opens /proc/sys/vm/overcommit_memory.
+                    let blocks: Vec<Vec<u8>> = (0..2048).map(|i| vec![i as u8; 60 << 10]).collect();
+                    let sum: usize = blocks.iter().map(|b| b[0] as usize).sum();
+                    drop(blocks);
+                    let counted = refused_calls();
+                    eprintln!(
+                        "malloc survived {sum} last {:?}",
+                        counted.last_refused_syscall
+                    );
+                    return;
+                }
+                if which == "execve" {
+                    let prog = c"/bin/true";
+                    let argv = [prog.as_ptr(), std::ptr::null()];
+                    // SAFETY: valid NUL-terminated arguments; the filter stops the call.
+                    unsafe { libc::execv(prog.as_ptr(), argv.as_ptr()) };
+                    eprintln!("execve was not trapped");
+                    return;
+                }
+                // SAFETY: creating a socket; the filter stops it before it exists.
                 let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-                eprintln!("socket() was not trapped: {fd}");
+                let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                eprintln!("socket() = {fd} errno {errno}");
+                // A second refusal of the same call is counted but not printed again.
+                // SAFETY: as above.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                let counted = refused_calls();
+                eprintln!(
+                    "refused {} last {:?}",
+                    counted.refused_calls, counted.last_refused_syscall
+                );
             })
             .unwrap();
         let _ = t.join();
         std::process::exit(3);
     }
 
-    #[test]
-    fn a_forbidden_call_is_trapped_and_aborts() {
-        use std::os::unix::process::ExitStatusExt;
+    fn run_trap_child(which: &str) -> (std::process::ExitStatus, String) {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -1029,20 +954,72 @@ mod tests {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(TRAP_CHILD, "1")
+            .env(TRAP_CHILD, which)
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGABRT),
-            "{:?}: {stderr}",
-            out.status
-        );
-        let expected = format!(
-            "cloud-hypervisor: seccomp: thread vcpu-test made forbidden syscall {}\n",
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn a_call_outside_the_list_fails_with_eperm_and_the_process_goes_on() {
+        let (status, stderr) = run_trap_child("socket");
+        assert_eq!(status.code(), Some(3), "{status:?}: {stderr}");
+        let line = format!(
+            "cloud-hypervisor: seccomp: thread vcpu-test: syscall {} is not in its seccomp allowlist",
             libc::SYS_socket
         );
+        assert_eq!(stderr.matches(&line).count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("socket() = -1 errno {}", libc::EPERM)),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("refused 2 last Some({})", libc::SYS_socket)),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn the_allocator_giving_memory_back_survives_the_balloon_worker_filter() {
+        // The call that killed the VMM mid-migration ("thread balloon-worker made forbidden
+        // syscall 257"): glibc's allocator opening a /proc file on a filtered thread.
+        let (status, stderr) = run_trap_child("malloc");
+        assert_eq!(status.code(), Some(3), "{status:?}: {stderr}");
+        assert!(stderr.contains("malloc survived"), "{stderr}");
+        // Reproduced here with Debian 12's glibc: the refused call is that openat.
+        assert!(
+            stderr.contains(&format!("last Some({})", libc::SYS_openat)),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn an_escaping_call_is_trapped_and_aborts() {
+        use std::os::unix::process::ExitStatusExt;
+        let (status, stderr) = run_trap_child("execve");
+        assert_eq!(status.signal(), Some(libc::SIGABRT), "{status:?}: {stderr}");
+        let expected = format!(
+            "cloud-hypervisor: seccomp: thread vcpu-test made forbidden syscall {}\n",
+            libc::SYS_execve
+        );
         assert!(stderr.contains(&expected), "{stderr}");
+    }
+
+    #[test]
+    fn fatal_calls_are_never_allowed_outright() {
+        // A fatal call that some list allowed unconditionally would never trap: the lists
+        // allow these only with argument checks, or not at all.
+        for kind in ThreadKind::ALL {
+            let list = allowlist(kind);
+            for nr in trap::FATAL {
+                assert!(
+                    list.0.get(nr).is_none_or(|rules| !rules.is_empty()),
+                    "{kind:?} allows fatal syscall {nr} outright"
+                );
+            }
+        }
     }
 }

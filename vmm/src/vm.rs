@@ -408,6 +408,10 @@ impl Vm {
             }
             out.insert("balloon".into(), entry);
         }
+        out.insert(
+            "seccomp".into(),
+            serde_json::to_value(crate::seccomp::refused_calls()).unwrap_or_default(),
+        );
         serde_json::Value::Object(out)
     }
 }
