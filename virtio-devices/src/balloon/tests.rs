@@ -13,6 +13,7 @@ use crate::test_utils::{guest_memory, Buf, MockInterrupt, TestQueue};
 use crate::virtio::{VirtioDevice, VirtioQueue, VIRTIO_F_VERSION_1};
 use crate::GuestMemoryMmap;
 
+mod pci_driver;
 mod queue_subsets;
 
 const MIB: u64 = 1 << 20;

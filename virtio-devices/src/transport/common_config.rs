@@ -328,6 +328,9 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Device reset (status written to 0). The last activation error stays visible until the
     /// device activates again.
     pub(super) fn reset(&mut self) {
+        if let Some(failure) = self.activated.then(|| self.device.failure()).flatten() {
+            self.activation_error = Some(failure);
+        }
         self.device.reset();
         self.activated = false;
         for q in &self.queues {
