@@ -193,7 +193,9 @@ pub enum BalloonError {
     #[error("The balloon device is not active")]
     NotActive,
     /// The driver started the device without a queue that the request needs.
-    #[error("The guest driver did not enable the balloon's {queue} queue, which {needed_for} needs")]
+    #[error(
+        "The guest driver did not enable the balloon's {queue} queue, which {needed_for} needs"
+    )]
     QueueNotEnabled {
         /// The queue's name ([`QueueKind::name`]).
         queue: &'static str,

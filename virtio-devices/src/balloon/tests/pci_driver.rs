@@ -98,7 +98,9 @@ fn plugged(balloon: Balloon) -> (Pci, Driver) {
     let pci = Arc::new(Mutex::new(pci));
     let bus = Arc::new(PciBus::new());
     let shared: SharedPciDevice = pci.clone();
-    let slot = bus.add_device(shared, &mut BarAllocator::default()).unwrap();
+    let slot = bus
+        .add_device(shared, &mut BarAllocator::default())
+        .unwrap();
     let io = PciConfigIo::new(bus.clone());
     io.write(0, &(0x8000_0010u32 | u32::from(slot) << 11).to_le_bytes());
     let mut bar = [0u8; 4];

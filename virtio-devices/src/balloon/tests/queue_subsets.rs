@@ -71,7 +71,10 @@ fn only_inflate_and_deflate() {
     assert!(h.handle.hint_done().is_err());
     assert_eq!(h.config_u32(8), 0, "no command id was ever written");
     // No statistics queue: no statistics.
-    assert!(queue_missing(&h.handle.request_stats().unwrap_err(), "stats"));
+    assert!(queue_missing(
+        &h.handle.request_stats().unwrap_err(),
+        "stats"
+    ));
     h.run();
     assert_eq!(h.handle.stats(), BalloonStats::default());
 }
@@ -87,7 +90,10 @@ fn all_but_stats() {
     h.add(QueueKind::Reporting, &[(32 * MIB, 2 * MIB as u32, true)]);
     h.run();
     assert_eq!(h.counters().reported_pages, 512);
-    assert!(queue_missing(&h.handle.request_stats().unwrap_err(), "stats"));
+    assert!(queue_missing(
+        &h.handle.request_stats().unwrap_err(),
+        "stats"
+    ));
     assert_eq!(h.counters().stats_updates, 0);
     h.handle.resize(4 * MIB).unwrap();
 }

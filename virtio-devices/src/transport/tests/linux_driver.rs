@@ -6,12 +6,7 @@ use super::*;
 
 /// Set up queue `index` with `tq` the way Linux does: size, vector (returns what reads back),
 /// rings as 32-bit halves, then `queue_notify_off`; `queue_enable` is left to the caller.
-fn configure_queue(
-    p: &mut VirtioPciDevice<Dummy>,
-    index: u16,
-    tq: &TestQueue,
-    vector: u16,
-) -> u16 {
+fn configure_queue(p: &mut VirtioPciDevice<Dummy>, index: u16, tq: &TestQueue, vector: u16) -> u16 {
     w16(p, 0x16, index);
     assert_eq!(r16(p, 0x1C), 0, "not enabled yet");
     w16(p, 0x18, tq.size);
@@ -185,7 +180,11 @@ fn reset_then_initialise_again() {
     assert_eq!(queue_indexes(p), vec![1]);
     // The notification address of queue 1 signals queue 1's event.
     let off = u64::from(r16(p, 0x1E));
-    w16(p, NOTIFY_CFG_OFFSET + off * u64::from(NOTIFY_OFF_MULTIPLIER), 1);
+    w16(
+        p,
+        NOTIFY_CFG_OFFSET + off * u64::from(NOTIFY_OFF_MULTIPLIER),
+        1,
+    );
     assert_eq!(p.device().queues[0].event.read().unwrap(), 1);
 }
 
@@ -218,7 +217,11 @@ fn transport_refusals_are_reported() {
     let mut f = fixture();
     let p = &mut f.pci;
     w8(p, 0x14, DEVICE_ACKNOWLEDGE | DEVICE_DRIVER);
-    w8(p, 0x14, DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_DRIVER_OK);
+    w8(
+        p,
+        0x14,
+        DEVICE_ACKNOWLEDGE | DEVICE_DRIVER | DEVICE_DRIVER_OK,
+    );
     let report = p.activation();
     assert_eq!(
         report.activation_error.as_deref(),
