@@ -6,6 +6,10 @@
 //!                                    │ offered, or not VERSION_1
 //!  any state ── write 0 ──► reset;  errors ──► DEVICE_NEEDS_RESET (+ config interrupt)
 //! ```
+//!
+//! At DRIVER_OK the device gets the queues the driver enabled, whichever and however many
+//! (enabling is up to the driver, in any order), each under its own index. Every refusal is
+//! kept, as one line, for [`VirtioPciDevice::activation`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
