@@ -91,7 +91,9 @@ pub trait VirtioDevice: Send {
     /// Write the device configuration space at `offset` (read-only fields are ignored).
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
-    /// Start the device with the queues the driver enabled.
+    /// Start the device with the queues the driver enabled: a driver need not enable every
+    /// queue (virtio 1.2, 4.1.4.3), so `queues` may be any subset, each with the index the
+    /// negotiated features give it. Refuse only when the device cannot work at all.
     fn activate(
         &mut self,
         mem: Arc<GuestMemoryMmap>,
@@ -101,6 +103,12 @@ pub trait VirtioDevice: Send {
 
     /// Stop the device and forget the driver's state (device status written to 0).
     fn reset(&mut self);
+
+    /// Why the device stopped serving its queues after a successful [`VirtioDevice::activate`]
+    /// (e.g. its worker could not start), as one line; `None` while it works. Default: never.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 
     /// Stop consuming buffers (the VM is paused for a snapshot). Default: nothing to do.
     fn pause(&mut self) {}

@@ -396,17 +396,8 @@ impl Vm {
     /// What `vm.counters` reports.
     pub fn counters(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
-        if let Some(b) = self.balloon() {
-            let mut entry = serde_json::to_value(b.counters()).unwrap_or_default();
-            if let Some(map) = entry.as_object_mut() {
-                map.insert("actual_pages".into(), b.actual_pages().into());
-                map.insert("target_pages".into(), b.target_pages().into());
-                map.insert(
-                    "stats".into(),
-                    serde_json::to_value(b.stats()).unwrap_or_default(),
-                );
-            }
-            out.insert("balloon".into(), entry);
+        if let Some(b) = &self.devices.balloon {
+            out.insert("balloon".into(), b.counters());
         }
         out.insert(
             "seccomp".into(),

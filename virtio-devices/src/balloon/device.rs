@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use log::{error, warn};
+use log::{error, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::hinting::{HintEngine, HintMode, HintRound, HintStatus};
@@ -26,6 +26,10 @@ pub(crate) struct BalloonShared {
     pub(crate) avail_features: u64,
     pub(crate) acked_features: AtomicU64,
     pub(crate) interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+    /// The roles of the queues the driver enabled, while the device is active.
+    pub(crate) active_queues: Mutex<Vec<QueueKind>>,
+    /// Why the worker of the current activation does not run, if it does not.
+    pub(crate) worker_error: Mutex<Option<String>>,
     pub(crate) counters: Mutex<BalloonCounters>,
     pub(crate) stats: Mutex<BalloonStats>,
     pub(crate) stats_head: Mutex<Option<u16>>,
@@ -119,6 +123,8 @@ impl Balloon {
             avail_features: features,
             acked_features: AtomicU64::new(0),
             interrupt: Mutex::new(None),
+            active_queues: Mutex::new(Vec::new()),
+            worker_error: Mutex::new(None),
             counters: Mutex::new(BalloonCounters::default()),
             stats: Mutex::new(BalloonStats::default()),
             stats_head: Mutex::new(None),
@@ -149,7 +155,8 @@ impl Balloon {
         }
     }
 
-    /// Map the queues to their roles by the negotiated features and build the worker.
+    /// Map the queues to their roles by the negotiated features and build the worker. Any subset
+    /// of the queues works; what lacks its queue is unavailable (see the module documentation).
     pub(crate) fn prepare_worker(
         &mut self,
         mem: Arc<GuestMemoryMmap>,
@@ -167,14 +174,20 @@ impl Balloon {
                 None => warn!("balloon: queue {} has no role; ignored", vq.index),
             }
         }
-        for (kind, name) in [
-            (QueueKind::Inflate, "inflate"),
-            (QueueKind::Deflate, "deflate"),
-        ] {
-            if !mapped.iter().any(|(k, _)| *k == kind) {
-                return Err(VirtioDeviceError::MissingQueue(name));
-            }
+        let active: Vec<QueueKind> = mapped.iter().map(|(k, _)| *k).collect();
+        let missing: Vec<&str> = layout
+            .iter()
+            .filter(|k| !active.contains(k))
+            .map(|k| k.name())
+            .collect();
+        if !missing.is_empty() {
+            info!(
+                "balloon: the driver did not enable the {} queue(s); they stay unused",
+                missing.join(", ")
+            );
         }
+        *lock(&self.shared.active_queues) = active;
+        *lock(&self.shared.worker_error) = None;
         *lock(&self.shared.interrupt) = Some(interrupt.clone());
         Ok(BalloonWorker::new(
             mem,
@@ -277,12 +290,15 @@ impl VirtioDevice for Balloon {
     ) -> Result<(), VirtioDeviceError> {
         let worker = self.prepare_worker(mem, interrupt, queues)?;
         let on_start = self.on_worker_start.clone();
+        let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("balloon-worker".into())
             .spawn(move || {
                 if let Some(hook) = on_start {
                     if let Err(e) = hook() {
-                        error!("balloon: the worker's start hook failed, so it does not run: {e}");
+                        let why = format!("The balloon worker's start hook failed: {e}");
+                        error!("balloon: {why}; the worker does not run");
+                        *lock(&shared.worker_error) = Some(why.replace(['\r', '\n'], " "));
                         return;
                     }
                 }
@@ -297,6 +313,8 @@ impl VirtioDevice for Balloon {
         self.stop_worker();
         let s = &self.shared;
         *lock(&s.interrupt) = None;
+        lock(&s.active_queues).clear();
+        *lock(&s.worker_error) = None;
         s.acked_features.store(0, Ordering::SeqCst);
         s.actual.store(0, Ordering::SeqCst);
         s.poison_val.store(0, Ordering::SeqCst);
@@ -305,6 +323,10 @@ impl VirtioDevice for Balloon {
         hints.reset();
         s.cmd_id.store(FREE_PAGE_HINT_CMD_ID_STOP, Ordering::SeqCst);
         s.paused.store(false, Ordering::SeqCst);
+    }
+
+    fn failure(&self) -> Option<String> {
+        lock(&self.shared.worker_error).clone()
     }
 
     fn pause(&mut self) {
@@ -389,8 +411,15 @@ impl std::fmt::Debug for BalloonHandle {
 
 impl BalloonHandle {
     /// Set the balloon's target size in bytes (rounded down to pages) and tell the driver.
+    /// Before the driver starts the device the target waits for it; a driver that started the
+    /// device without the inflate or deflate queue could never follow it, so that is refused.
     pub fn resize(&self, target_bytes: u64) -> Result<(), BalloonError> {
         let pages = pages_of(target_bytes)?;
+        if self.is_active() {
+            for kind in [QueueKind::Inflate, QueueKind::Deflate] {
+                self.require_queue(kind, "resizing the balloon")?;
+            }
+        }
         self.shared.num_pages.store(pages, Ordering::SeqCst);
         self.shared.config_changed();
         Ok(())
@@ -411,25 +440,52 @@ impl BalloonHandle {
         u64::from(self.actual_pages()) << BALLOON_PAGE_SHIFT
     }
 
-    /// The hint protocol the driver negotiated, if any.
-    pub fn hint_mode(&self) -> Option<HintMode> {
-        if !self.shared.has(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
-            None
-        } else if self.shared.has(VIRTIO_BALLOON_F_HINT_RANGES) {
-            Some(HintMode::Ranges)
+    /// Whether the driver has started the device (DRIVER_OK) and not reset it since.
+    pub fn is_active(&self) -> bool {
+        lock(&self.shared.interrupt).is_some()
+    }
+
+    /// The roles of the queues the driver enabled, in index order (empty while not active).
+    pub fn active_queues(&self) -> Vec<QueueKind> {
+        lock(&self.shared.active_queues).clone()
+    }
+
+    fn require_queue(&self, kind: QueueKind, needed_for: &'static str) -> Result<(), BalloonError> {
+        if lock(&self.shared.active_queues).contains(&kind) {
+            Ok(())
         } else {
-            Some(HintMode::Stock)
+            Err(BalloonError::QueueNotEnabled {
+                queue: kind.name(),
+                needed_for,
+            })
         }
     }
 
-    fn hinting_ready(&self) -> Result<(), BalloonError> {
-        if self.hint_mode().is_none() {
+    /// The hint protocol in use, or why hinting is unavailable: the driver did not negotiate
+    /// it, has not started the device, or started it without the free page queue.
+    pub fn hint_availability(&self) -> Result<HintMode, BalloonError> {
+        if !self.shared.has(VIRTIO_BALLOON_F_FREE_PAGE_HINT) {
             return Err(BalloonError::HintingNotNegotiated);
         }
-        if lock(&self.shared.interrupt).is_none() {
+        if !self.is_active() {
             return Err(BalloonError::NotActive);
         }
-        Ok(())
+        self.require_queue(QueueKind::FreePage, "free page hinting")?;
+        if self.shared.has(VIRTIO_BALLOON_F_HINT_RANGES) {
+            Ok(HintMode::Ranges)
+        } else {
+            Ok(HintMode::Stock)
+        }
+    }
+
+    /// The hint protocol in use; `None` whenever hinting is unavailable (see
+    /// [`BalloonHandle::hint_availability`] for why).
+    pub fn hint_mode(&self) -> Option<HintMode> {
+        self.hint_availability().ok()
+    }
+
+    fn hinting_ready(&self) -> Result<(), BalloonError> {
+        self.hint_availability().map(|_| ())
     }
 
     /// Ask the driver for free page hints: a fresh command id goes into config space (where it
@@ -495,9 +551,10 @@ impl BalloonHandle {
 
     /// Ask the driver for fresh statistics (gives the statistics buffer back).
     pub fn request_stats(&self) -> Result<(), BalloonError> {
-        if !self.shared.has(VIRTIO_BALLOON_F_STATS_VQ) {
+        if !self.shared.has(VIRTIO_BALLOON_F_STATS_VQ) || !self.is_active() {
             return Err(BalloonError::NotActive);
         }
+        self.require_queue(QueueKind::Stats, "guest statistics")?;
         self.shared.stats_requested.store(true, Ordering::SeqCst);
         self.shared.wake();
         Ok(())

@@ -6,6 +6,11 @@
 //!  inflate, deflate, [stats if STATS_VQ], [free page if FREE_PAGE_HINT], [reporting if REPORTING]
 //! ```
 //!
+//! A driver need not enable every queue (virtio 1.2, 4.1.4.3). The device runs with whatever
+//! subset it gets, and each feature that lacks its queue is unavailable: no inflate or deflate
+//! queue, resizing is refused; no stats queue, no statistics; no free page queue, no hinting
+//! ([`BalloonHandle::hint_mode`] answers `None`); no reporting queue, nothing is reported.
+//!
 //! A hinting round (see [`hinting`] for the state machine):
 //!
 //! ```text
@@ -84,6 +89,19 @@ pub enum QueueKind {
     FreePage,
     /// Free page reports.
     Reporting,
+}
+
+impl QueueKind {
+    /// The queue's name as users see it (`vm.counters`, error messages).
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueKind::Inflate => "inflate",
+            QueueKind::Deflate => "deflate",
+            QueueKind::Stats => "stats",
+            QueueKind::FreePage => "free_page",
+            QueueKind::Reporting => "reporting",
+        }
+    }
 }
 
 /// The queue roles in index order for a feature set (compact numbering: only queues whose
@@ -174,6 +192,16 @@ pub enum BalloonError {
     /// The driver has not started the device.
     #[error("The balloon device is not active")]
     NotActive,
+    /// The driver started the device without a queue that the request needs.
+    #[error(
+        "The guest driver did not enable the balloon's {queue} queue, which {needed_for} needs"
+    )]
+    QueueNotEnabled {
+        /// The queue's name ([`QueueKind::name`]).
+        queue: &'static str,
+        /// What cannot be done without it.
+        needed_for: &'static str,
+    },
     /// The target does not fit the 32-bit page count.
     #[error("Balloon target of {0} bytes is too large")]
     TargetTooLarge(u64),

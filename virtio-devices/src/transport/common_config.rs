@@ -6,6 +6,10 @@
 //!                                    │ offered, or not VERSION_1
 //!  any state ── write 0 ──► reset;  errors ──► DEVICE_NEEDS_RESET (+ config interrupt)
 //! ```
+//!
+//! At DRIVER_OK the device gets the queues the driver enabled, whichever and however many
+//! (enabling is up to the driver, in any order), each under its own index. Every refusal is
+//! kept, as one line, for [`VirtioPciDevice::activation`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
+use super::activation::{error_line, ActivationError};
 use super::device::{le_value, VirtioPciDevice};
 use super::state::CommonConfigState;
 use super::VIRTIO_MSI_NO_VECTOR;
@@ -236,10 +241,18 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             }
         });
         if invalid {
-            warn!(
-                "virtio-pci: queue {} does not fit in guest memory",
-                self.common.queue_select
-            );
+            let queue = self.common.queue_select;
+            self.refuse(ActivationError::QueueOutsideMemory(queue), true);
+        }
+    }
+
+    /// Record why the driver's setup was refused (shown in [`VirtioPciDevice::activation`]),
+    /// and ask the driver for a reset when the device cannot go on.
+    fn refuse(&mut self, error: ActivationError, needs_reset: bool) {
+        let line = error_line(&error);
+        warn!("virtio-pci: {line}");
+        self.activation_error = Some(line);
+        if needs_reset {
             self.interrupt.signal_needs_reset();
         }
     }
@@ -267,30 +280,30 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 self.device
                     .ack_features(self.common.driver_features & self.offered_features);
             } else {
-                warn!(
-                    "virtio-pci: refusing driver features {:#x} (offered {:#x})",
-                    self.common.driver_features, self.offered_features
-                );
+                let refused = ActivationError::FeaturesRefused {
+                    acked: self.common.driver_features,
+                    offered: self.offered_features,
+                };
+                self.refuse(refused, false);
                 new &= !DEVICE_FEATURES_OK;
             }
         }
         if added & DEVICE_DRIVER_OK != 0 && new & DEVICE_FEATURES_OK == 0 {
-            warn!("virtio-pci: DRIVER_OK without FEATURES_OK");
             new &= !DEVICE_DRIVER_OK;
             self.common.device_status = new;
-            self.interrupt.signal_needs_reset();
+            self.refuse(ActivationError::DriverOkWithoutFeaturesOk, true);
             return;
         }
         self.common.device_status = new;
         if added & DEVICE_DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
-                warn!("virtio-pci: activation failed: {e}");
-                self.interrupt.signal_needs_reset();
+                self.refuse(ActivationError::Device(e), true);
             }
         }
     }
 
-    /// Hand the enabled queues to the device.
+    /// Hand the queues the driver enabled (any subset; the rest stay with the transport) to the
+    /// device, each with its index.
     pub(super) fn activate(&mut self) -> Result<(), crate::virtio::VirtioDeviceError> {
         let negotiated = self.common.driver_features & self.offered_features;
         let mut queues = Vec::new();
@@ -312,11 +325,16 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         self.device.activate(self.mem.clone(), interrupt, queues)?;
         self.activated = true;
+        self.activation_error = None;
         Ok(())
     }
 
-    /// Device reset (status written to 0).
+    /// Device reset (status written to 0). The last activation error stays visible until the
+    /// device activates again.
     pub(super) fn reset(&mut self) {
+        if let Some(failure) = self.activated.then(|| self.device.failure()).flatten() {
+            self.activation_error = Some(failure);
+        }
         self.device.reset();
         self.activated = false;
         for q in &self.queues {

@@ -35,6 +35,7 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     pub(super) queue_events: Vec<Arc<EventFd>>,
     pub(super) offered_features: u64,
     pub(super) activated: bool,
+    pub(super) activation_error: Option<String>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioPciDevice<D> {
@@ -177,6 +178,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             queue_events,
             offered_features,
             activated: false,
+            activation_error: None,
         })
     }
 
@@ -193,6 +195,25 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Whether the device is running (the driver set DRIVER_OK and activation worked).
     pub fn is_activated(&self) -> bool {
         self.activated
+    }
+
+    /// The driver's status byte, the queues it enabled, whether the device runs and, if it
+    /// refused the driver's setup or stopped working, why.
+    pub fn activation(&self) -> ActivationReport {
+        let queues_enabled = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| lock(q).ready())
+            .map(|(i, _)| i as u16)
+            .collect();
+        let failure = self.activated.then(|| self.device.failure()).flatten();
+        ActivationReport {
+            device_status: self.device_status(),
+            activated: self.activated && failure.is_none(),
+            queues_enabled,
+            activation_error: failure.or_else(|| self.activation_error.clone()),
+        }
     }
 
     /// The device status register as the driver reads it.

@@ -14,6 +14,7 @@
 //! A PCI configuration access capability (cfg_type 5) gives access to the BAR through
 //! configuration space.
 
+mod activation;
 mod common_config;
 mod device;
 mod interrupt;
@@ -21,6 +22,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+pub use activation::{error_line, ActivationError, ActivationReport};
 pub use device::VirtioPciDevice;
 pub use state::{CommonConfigState, QueueSnapshot, VirtioPciState};
 

@@ -12,6 +12,8 @@ use crate::test_utils::{guest_memory, MockIntx, MockMsi, TestQueue};
 use crate::virtio::*;
 use crate::GuestMemoryMmap;
 
+mod linux_driver;
+
 const BASE: u64 = 0xC000_0000;
 
 #[derive(Default)]
