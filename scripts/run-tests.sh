@@ -18,6 +18,9 @@ fi
 echo "== test guest: host unit tests (tests/guest/guest-core)"
 (cd tests/guest && cargo test -p guest-core --quiet)
 
+echo "== Linux guest workload: host unit tests (tests/linux-workload)"
+(cd tests/linux-workload && cargo test --locked --quiet)
+
 echo "== workspace: unit and end-to-end tests"
 # End-to-end tests boot real guests; two at a time is what a 2-core machine takes.
 cargo test --workspace --quiet -- --test-threads=2
