@@ -108,6 +108,7 @@ fn unix_without_hints_skips_zero_pages() {
     assert_eq!(r["status"], "completed");
     assert_eq!(r["memory_bytes"], 1u64 << 30);
     assert_eq!(r["hints"]["used"], false);
+    assert_eq!(r["hints"]["reason"], "disabled by request", "{r}");
     let sent_bytes = r["bytes_sent"].as_u64().unwrap();
     let zero = r["zero_pages_skipped"].as_u64().unwrap();
     assert!(
@@ -140,6 +141,7 @@ fn tcp_with_zero_pages_sent_too() {
     let r = report(&sent);
     assert!(received.status.success());
     assert_eq!(r["zero_pages_skipped"], 0);
+    assert_eq!(r["hints"]["reason"], "no balloon device", "{r}");
     assert!(
         r["bytes_sent"].as_u64().unwrap() >= 1 << 30,
         "all of RAM is sent"
@@ -177,6 +179,7 @@ fn local_mode_hands_memory_over() {
     let (sent, _) = migrate(&src, &dst, &url, &format!("destination_url={url},local=on"));
     let r = report(&sent);
     assert_eq!(r["bytes_sent"], 0, "local mode copies no memory: {r}");
+    assert_eq!(r["hints"]["reason"], "not needed in local mode", "{r}");
     check_moved(src, dst);
 }
 
@@ -270,6 +273,7 @@ fn hints_leave_the_freed_memory_out_of_round_zero() {
     assert_eq!(r["hints"]["used"], true, "{r}");
     assert_eq!(r["hints"]["mode"], "stock");
     assert_eq!(r["hints"]["rejected"], 0);
+    assert!(r["hints"].get("reason").is_none(), "fully used: {r}");
     let skipped = r["hints"]["pages_skipped"].as_u64().unwrap();
     assert!(
         skipped * 10 >= free * 9,
@@ -358,8 +362,85 @@ fn a_guest_that_never_hints_is_migrated_after_the_wait() {
         (290.0..2000.0).contains(&wait),
         "waited {wait} ms for a 300 ms limit"
     );
+    assert_eq!(r["hints"]["reason"], "round timed out after 300 ms", "{r}");
     assert!(r["bytes_sent"].as_u64().unwrap() >= (64 + 256) << 20);
     check_moved(src, dst);
+}
+
+#[test]
+fn a_silent_guest_costs_the_idle_interval_not_the_whole_wait() {
+    let (src, dst) = pair(
+        "mig-silent",
+        "1G",
+        "used=64 dirty=256 hint=none",
+        &[BALLOON, HINTING],
+    );
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    // The default hint_wait_ms (10 s) is the bound; a guest that never hints ends the round
+    // once nothing came for the idle interval (500 ms).
+    let (sent, _) = migrate(&src, &dst, &url, &url);
+    let r = report(&sent);
+    assert_eq!(r["hints"]["used"], true, "{r}");
+    assert_eq!(r["hints"]["pages_hinted"], 0);
+    let wait = r["hints"]["wait_ms"].as_f64().unwrap();
+    assert!(
+        (450.0..3000.0).contains(&wait),
+        "waited {wait} ms; expected about the 500 ms idle interval"
+    );
+    assert_eq!(r["hints"]["reason"], "guest sent no hints", "{r}");
+    check_moved(src, dst);
+}
+
+/// a → b → c with hints on both hops: b's balloon told the driver DONE (so the guest has its
+/// blocks back), and the second hop hints about as much as the first.
+#[test]
+fn a_second_migration_hints_again() {
+    let (a, b) = pair(
+        "mig-twice",
+        "2G",
+        "used=128 dirty=1024",
+        &[BALLOON, HINTING],
+    );
+    let url_b = format!("unix:{}", b.scratch.path("mig.sock").display());
+    let (sent, received) = migrate(&a, &b, &url_b, &url_b);
+    let first = report(&sent);
+    assert!(received.status.success());
+    let first_pages = first["hints"]["pages_hinted"].as_u64().unwrap();
+    assert!(first_pages > 0, "{first}");
+    // One DONE after the first hop, and the guest gave its blocks back.
+    let done = a.wait_line("guest: hint done", Duration::from_secs(20));
+    let released = field(&done, "released_blocks").unwrap_or(0);
+    assert_eq!(released * 1024, first_pages, "{done}");
+    let seq = a.last_seq().unwrap_or(0);
+    a.wait_seq_above(seq, Duration::from_secs(20));
+
+    let c = Vmm::waiting("mig-twice-c");
+    let url_c = format!("unix:{}", c.scratch.path("mig.sock").display());
+    let (sent, received) = migrate(&b, &c, &url_c, &url_c);
+    let second = report(&sent);
+    assert!(received.status.success());
+    let second_pages = second["hints"]["pages_hinted"].as_u64().unwrap();
+    assert!(
+        second_pages * 10 >= first_pages * 9,
+        "the second hop hinted {second_pages} pages, the first {first_pages}: {second}"
+    );
+    assert!(second["hints"].get("reason").is_none(), "{second}");
+    let done = common::wait_line_in(&a.serial, "guest: hint done", 1, Duration::from_secs(20));
+    assert_eq!(
+        field(&done, "released_blocks").unwrap_or(0) * 1024,
+        second_pages
+    );
+    // The guest's serial output still goes to a's file (the configuration travels along).
+    let (mut a, mut b, mut c) = (a, b, c);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), 0);
+    assert_eq!(b.wait_exit(Duration::from_secs(10)), 0);
+    let before = a.last_seq().unwrap_or(0);
+    a.wait_seq_above(before, Duration::from_secs(20));
+    assert!(!a.serial_text().contains("FAILED"));
+    let info: serde_json::Value = serde_json::from_slice(&c.remote(&["info"]).stdout).unwrap();
+    assert_eq!(info["state"], "Running");
+    assert!(c.remote(&["shutdown"]).status.success());
+    assert_eq!(c.wait_exit(Duration::from_secs(10)), 0);
 }
 
 #[test]

@@ -45,9 +45,21 @@ pub struct HintsReport {
     pub pages_skipped: u64,
     /// Hints rejected as invalid.
     pub rejected: u64,
+    /// Why hints were not used, or only partly (e.g. `disabled by request`,
+    /// `round timed out after 10000 ms`); absent when the round was used in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl HintsReport {
+    /// The report of a migration that used no hints, and why.
+    pub fn unused(reason: impl Into<String>) -> Self {
+        HintsReport {
+            reason: Some(reason.into()),
+            ..Default::default()
+        }
+    }
+
     /// The report of a hint round run in `mode`, waited on for `wait`.
     pub fn from_stats(mode: HintMode, stats: &HintStats, wait: Duration) -> Self {
         HintsReport {
@@ -58,6 +70,7 @@ impl HintsReport {
             pages_hinted: stats.pages_hinted,
             pages_skipped: stats.pages_skipped,
             rejected: stats.rejected,
+            reason: None,
         }
     }
 }
@@ -188,6 +201,27 @@ mod tests {
         assert_eq!(json["rounds"], 3);
         let back: MigrationReport = serde_json::from_value(json).unwrap();
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn reason_is_there_only_when_hints_were_not_fully_used() {
+        let unused = serde_json::to_value(HintsReport::unused("disabled by request")).unwrap();
+        assert_eq!(unused["reason"], "disabled by request");
+        assert_eq!(unused["used"], false);
+        let mut partly = HintsReport::from_stats(
+            HintMode::Stock,
+            &HintStats::default(),
+            Duration::from_secs(10),
+        );
+        partly.reason = Some("round timed out after 10000 ms".into());
+        let json = serde_json::to_value(&partly).unwrap();
+        assert_eq!(json["reason"], "round timed out after 10000 ms");
+        assert_eq!(json["used"], true);
+        let back: HintsReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back, partly);
+        let full = HintsReport::from_stats(HintMode::Stock, &HintStats::default(), Duration::ZERO);
+        let json = serde_json::to_value(&full).unwrap();
+        assert!(json.get("reason").is_none(), "{json}");
     }
 
     #[test]

@@ -11,12 +11,14 @@ use thiserror::Error;
 use crate::api::{self, ApiError, ApiRequest, ApiResult};
 use crate::config::{HintAction, VmConfig};
 use crate::migration;
+use crate::migration::hints::{FreePageHinter, HintWait, MonotonicClock, RoundEnd};
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::VcpuExitEvent;
 use crate::vm::{Vm, VmError, VmState};
 
-/// How long a hint round started through the API waits for the driver's STOP.
-const API_HINT_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+/// The longest a hint round started through the API is waited for (as long as a migration's
+/// by default).
+const API_HINT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Errors that end the VMM.
 #[derive(Debug, Error)]
@@ -66,6 +68,8 @@ pub struct Vmm {
     migrated: bool,
     /// Filters for the threads of the VMs it creates.
     seccomp: SeccompMode,
+    /// Why the last hint round started through the API was not fully used.
+    last_hint_reason: Option<String>,
 }
 
 /// Runs the VMM until it is told to stop; returns the process exit code.
@@ -80,6 +84,7 @@ pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
         exit_with_vm: params.vm_config.is_some(),
         migrated: false,
         seccomp: params.seccomp,
+        last_hint_reason: None,
     };
     if let Some(path) = &params.api_socket {
         let api_tx = tx.clone();
@@ -312,9 +317,18 @@ impl Vmm {
             }
             ApiRequest::VmBalloonHintsGet => {
                 let balloon = self.balloon()?;
-                serde_json::to_value(balloon.hint_status())
-                    .map(Some)
-                    .map_err(|e| ApiError::internal("cannot encode the hint status", e))
+                let mut body = serde_json::to_value(balloon.hint_status())
+                    .map_err(|e| ApiError::internal("cannot encode the hint status", e))?;
+                // Why a round cannot start now, else why the last one was not fully used.
+                let reason = self
+                    .hinter()
+                    .and_then(|h| h.unavailable())
+                    .map(|why| why.to_string())
+                    .or_else(|| self.last_hint_reason.clone());
+                if let Some(map) = body.as_object_mut() {
+                    map.insert("reason".into(), reason.into());
+                }
+                Ok(Some(body))
             }
             ApiRequest::VmBalloonHintsPut(action) => {
                 let balloon = self.balloon()?;
@@ -322,26 +336,45 @@ impl Vmm {
                     ApiError::InvalidState(crate::api::error_chain(&e))
                 };
                 match action.action {
-                    HintAction::Start => {
-                        // Outside a migration the hints are only counted, as Firecracker does.
-                        // The round ends at the driver's STOP or after the same wait a
-                        // migration allows, so a driver that never answers cannot hang it.
-                        let round = balloon.start_hint_round().map_err(err)?;
-                        let stopped = round.wait_stopped(API_HINT_WAIT);
-                        if !stopped {
-                            balloon.stop_hint_round().map_err(err)?;
-                        }
-                        let mut body = serde_json::to_value(balloon.hint_status())
-                            .map_err(|e| ApiError::internal("cannot encode the hint status", e))?;
-                        if let Some(map) = body.as_object_mut() {
-                            map.insert("timed_out".into(), (!stopped).into());
-                        }
-                        Ok(Some(body))
-                    }
+                    HintAction::Start => self.api_hint_round(),
                     HintAction::Stop => balloon.stop_hint_round().map(|_| None).map_err(err),
                     HintAction::Done => balloon.hint_done().map(|_| None).map_err(err),
                 }
             }
         }
+    }
+
+    fn hinter(&self) -> Option<crate::devices::balloon::BalloonHinter> {
+        self.vm.as_ref().and_then(Vm::free_page_hinter)
+    }
+
+    /// `vm.balloon-hints` start: a round outside a migration, whose hints are only counted (as
+    /// Firecracker does). It ends like a migration's round (STOP, the guest's progress stalling,
+    /// or [`API_HINT_WAIT`]), so a driver that never answers cannot hang it.
+    fn api_hint_round(&mut self) -> ApiResult {
+        let hinter = self.hinter().ok_or_else(no_vm)?;
+        let mut round = hinter
+            .start_round()
+            .map_err(|why| ApiError::InvalidState(format!("cannot start a hint round: {why}")))?;
+        let mut pages = 0u64;
+        let outcome =
+            HintWait::new(API_HINT_WAIT).run(round.as_mut(), &MonotonicClock::new(), |hints| {
+                pages += hints.iter().map(|(_, len)| len / 4096).sum::<u64>()
+            });
+        if outcome.needs_stop() {
+            hinter.stop_round();
+        }
+        self.last_hint_reason = outcome.reason(pages);
+        let status = self.balloon()?.hint_status();
+        let mut body = serde_json::to_value(status)
+            .map_err(|e| ApiError::internal("cannot encode the hint status", e))?;
+        if let Some(map) = body.as_object_mut() {
+            map.insert(
+                "timed_out".into(),
+                (outcome.end != RoundEnd::Stopped).into(),
+            );
+            map.insert("reason".into(), self.last_hint_reason.clone().into());
+        }
+        Ok(Some(body))
     }
 }

@@ -12,7 +12,7 @@ use super::DeviceError;
 use crate::config::BalloonConfig;
 use crate::interrupts::{InterruptManager, IrqfdLine, MsiVectorGroup};
 use crate::memory::GuestMemoryMmap;
-use crate::migration::hints::{FreePageHinter, HintSource};
+use crate::migration::hints::{FreePageHinter, HintSource, HintsUnavailable};
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 
 /// MSI-X vectors for the balloon: configuration changes plus up to five queues.
@@ -85,12 +85,40 @@ impl BalloonDevice {
 
     /// The free page hinter for migration.
     pub fn hinter(&self) -> BalloonHinter {
-        BalloonHinter(self.handle.clone())
+        BalloonHinter {
+            handle: self.handle.clone(),
+            pci: self.pci.clone(),
+        }
     }
 }
 
 /// Free page hints from the balloon.
-pub struct BalloonHinter(pub BalloonHandle);
+pub struct BalloonHinter {
+    handle: BalloonHandle,
+    pci: Arc<Mutex<VirtioPciDevice<Balloon>>>,
+}
+
+impl BalloonHinter {
+    /// Whether the driver enabled the free page queue (its `queue_enable`).
+    fn free_page_queue_enabled(&self) -> bool {
+        let state = self.pci.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let layout = virtio_devices::balloon::queue_layout(state.device.acked_features);
+        layout
+            .iter()
+            .position(|k| *k == virtio_devices::balloon::QueueKind::FreePage)
+            .and_then(|i| state.queues.get(i))
+            .is_some_and(|q| q.ready)
+    }
+}
+
+/// Why the balloon refused to start a round.
+fn unavailable_because(e: &virtio_devices::BalloonError) -> HintsUnavailable {
+    match e {
+        virtio_devices::BalloonError::HintingNotNegotiated => HintsUnavailable::NotNegotiated,
+        virtio_devices::BalloonError::NotActive => HintsUnavailable::NotActive,
+        other => HintsUnavailable::Other(crate::api::error_chain(other)),
+    }
+}
 
 struct BalloonHintRound(HintRound);
 
@@ -110,32 +138,54 @@ impl HintSource for BalloonHintRound {
     fn wait_stopped(&self, timeout: Duration) -> bool {
         self.0.wait_stopped(timeout)
     }
+
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
 }
 
 impl FreePageHinter for BalloonHinter {
     fn mode(&self) -> HintMode {
-        match self.0.hint_mode() {
+        match self.handle.hint_mode() {
             Some(virtio_devices::HintMode::Stock) => HintMode::Stock,
             Some(virtio_devices::HintMode::Ranges) => HintMode::Ranges,
             None => HintMode::None,
         }
     }
 
-    fn start_round(&self) -> Result<Box<dyn HintSource>, String> {
-        self.0
+    fn unavailable(&self) -> Option<HintsUnavailable> {
+        if self.handle.hint_mode().is_none() {
+            return Some(HintsUnavailable::NotNegotiated);
+        }
+        let pci = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        if !pci.is_activated() {
+            return Some(HintsUnavailable::NotActive);
+        }
+        drop(pci);
+        if !self.free_page_queue_enabled() {
+            return Some(HintsUnavailable::QueueNotEnabled);
+        }
+        None
+    }
+
+    fn start_round(&self) -> Result<Box<dyn HintSource>, HintsUnavailable> {
+        if let Some(why) = self.unavailable() {
+            return Err(why);
+        }
+        self.handle
             .start_hint_round()
             .map(|r| Box::new(BalloonHintRound(r)) as Box<dyn HintSource>)
-            .map_err(|e| crate::api::error_chain(&e))
+            .map_err(|e| unavailable_because(&e))
     }
 
     fn stop_round(&self) {
-        if let Err(e) = self.0.stop_hint_round() {
+        if let Err(e) = self.handle.stop_hint_round() {
             log::warn!("cannot stop the hint round: {e}");
         }
     }
 
     fn done(&self) {
-        if let Err(e) = self.0.hint_done() {
+        if let Err(e) = self.handle.hint_done() {
             log::warn!("cannot end the hint round: {e}");
         }
     }
