@@ -466,3 +466,76 @@ fn an_inflated_balloon_stays_inflated() {
     assert_eq!(c["balloon"]["target_pages"], 65536);
     check_moved(src, dst);
 }
+
+/// A destination waiting for a migration keeps answering its API, says it is receiving, and then
+/// receives the migration.
+#[test]
+fn a_waiting_receiver_answers_its_api() {
+    let (src, dst) = pair("mig-answers", "1G", "used=64 hot=4", &[BALLOON, HINTING]);
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let dst_api = dst.api.clone();
+    let u = url.clone();
+    let receiver =
+        std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &u]));
+    let path = dst.scratch.path("mig.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..3 {
+        let started = Instant::now();
+        let ping = dst.remote(&["ping"]);
+        assert!(ping.status.success(), "{ping:?}");
+        let info = dst.remote(&["info"]);
+        assert!(info.status.success(), "{info:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the API answers at once while receiving"
+        );
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["state"], "Receiving", "{info}");
+        assert_eq!(info["receiving"]["phase"], "listening", "{info}");
+        assert_eq!(info["receiving"]["receiver_url"], url.as_str(), "{info}");
+        // A second receive or a create is refused meanwhile.
+        assert!(!dst.remote(&["receive-migration", &url]).status.success());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !receiver.is_finished(),
+        "receive-migration waits for the migration"
+    );
+    let sent = src.remote(&["send-migration", &url]);
+    let r = report(&sent);
+    let received = receiver.join().unwrap();
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert!(r["hints"]["pages_hinted"].as_u64().unwrap() > 0, "{r}");
+    check_moved(src, dst);
+}
+
+/// Shutting the VMM down while it waits for a migration ends the wait: the receive request fails
+/// with one line, the VMM exits and the migration socket is gone.
+#[test]
+fn shutting_down_a_waiting_receiver_cancels_the_receive() {
+    let mut dst = Vmm::waiting("mig-cancel");
+    let path = dst.scratch.path("mig.sock");
+    let url = format!("unix:{}", path.display());
+    let dst_api = dst.api.clone();
+    let receiver =
+        std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &url]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(path.exists(), "the receiver listens");
+    assert!(dst.remote(&["shutdown-vmm"]).status.success());
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), 0);
+    let received = receiver.join().unwrap();
+    assert!(!received.status.success());
+    let err = String::from_utf8_lossy(&received.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!path.exists(), "the migration socket is removed");
+}
