@@ -37,7 +37,8 @@ pub struct HintsReport {
     pub mode: HintMode,
     /// The command id of the hint round (0 if none).
     pub cmd_id: u32,
-    /// Milliseconds from the hint request to the driver's STOP (or the time limit).
+    /// Milliseconds from the hint request to the end of the round: the driver's STOP, the
+    /// guest making no more progress, or the time limit.
     pub wait_ms: f64,
     /// Pages named by accepted hints.
     pub pages_hinted: u64,
@@ -111,7 +112,7 @@ pub struct PhaseTimes {
     pub setup_ms: f64,
     /// Turning dirty logging on.
     pub dirty_log_start_ms: f64,
-    /// The hint round, from request to STOP (or the time limit).
+    /// The hint round, from the request to its end (as `hints.wait_ms`).
     pub hints_ms: f64,
     /// Building round 0 and scanning it for zero pages.
     pub round0_build_ms: f64,

@@ -122,8 +122,11 @@ pub enum RoundEnd {
         /// When the last hint arrived (`None`: none did).
         last_hint: Option<Duration>,
     },
-    /// `hint_wait_ms` ran out while hints were still coming.
-    TimedOut,
+    /// The limit (`hint_wait_ms`) ran out while hints were still coming.
+    TimedOut {
+        /// The limit.
+        limit: Duration,
+    },
 }
 
 /// The end of a round and how long it was waited for.
@@ -138,7 +141,7 @@ pub struct RoundOutcome {
 impl RoundOutcome {
     /// Whether the driver still hints: the caller should write STOP.
     pub fn needs_stop(&self) -> bool {
-        matches!(self.end, RoundEnd::Idle { .. } | RoundEnd::TimedOut)
+        matches!(self.end, RoundEnd::Idle { .. } | RoundEnd::TimedOut { .. })
     }
 
     /// Why the round's hints were not (all) used, given how many pages it hinted; `None` when
@@ -146,7 +149,7 @@ impl RoundOutcome {
     pub fn reason(&self, pages_hinted: u64) -> Option<String> {
         let ms = |d: Duration| d.as_millis();
         match self.end {
-            RoundEnd::TimedOut => Some(format!("round timed out after {} ms", ms(self.waited))),
+            RoundEnd::TimedOut { limit } => Some(format!("round timed out after {} ms", ms(limit))),
             _ if pages_hinted == 0 => Some("guest sent no hints".into()),
             RoundEnd::Stopped => None,
             RoundEnd::EndedByDevice => Some("device ended the round before STOP".into()),
@@ -204,7 +207,7 @@ impl HintWait {
             } else if source.is_finished() {
                 Some(RoundEnd::EndedByDevice)
             } else if now >= start + self.limit {
-                Some(RoundEnd::TimedOut)
+                Some(RoundEnd::TimedOut { limit: self.limit })
             } else if now >= last_progress + self.idle {
                 Some(RoundEnd::Idle { last_hint })
             } else {
@@ -365,7 +368,7 @@ mod tests {
     fn the_limit_ends_a_round_that_still_makes_progress() {
         let script: Vec<(u64, Step)> = (1..=100).map(|i| (i * 100, Step::Hint(i))).collect();
         let (outcome, got) = run(1_000, script);
-        assert_eq!(outcome.end, RoundEnd::TimedOut);
+        assert_eq!(outcome.end, RoundEnd::TimedOut { limit: MS(1000) });
         assert_eq!(outcome.waited, MS(1000));
         // Every hint up to the limit is kept.
         assert_eq!(got.len(), 10);
