@@ -267,7 +267,9 @@ impl Sender<'_, '_> {
         }
         let stats = round0.stats();
         let mut report = HintsReport::from_stats(hinter.mode(), &stats, outcome.waited);
-        report.reason = outcome.reason(stats.pages_hinted);
+        report.reason = outcome.reason(stats.pages_hinted).or_else(|| {
+            (stats.rejected > 0).then(|| format!("{} hints rejected as invalid", stats.rejected))
+        });
         if let Some(why) = &report.reason {
             log::info!("free page hints: {why}");
         }
