@@ -568,3 +568,120 @@ fn hints_not_negotiated_are_explained() {
     assert_eq!(r["hints"]["reason"], "not negotiated by the driver", "{r}");
     check_moved(src, dst);
 }
+
+/// The address of `name` in the test guest's ELF symbol table (the guest runs identity mapped,
+/// so it is also the guest physical address).
+fn guest_symbol(name: &str) -> u64 {
+    let elf = std::fs::read(common::guest_elf()).expect("read the test guest");
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    let (shoff, shentsize, shnum) = (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c));
+    const SHT_SYMTAB: usize = 2;
+    for sh in (0..shnum).map(|i| shoff + i * shentsize) {
+        if u32_at(sh + 4) != SHT_SYMTAB {
+            continue;
+        }
+        let (off, size, entsize) = (
+            u64_at(sh + 0x18) as usize,
+            u64_at(sh + 0x20) as usize,
+            u64_at(sh + 0x38) as usize,
+        );
+        let strtab = u64_at(shoff + u32_at(sh + 0x28) * shentsize + 0x18) as usize;
+        for sym in (off..off + size).step_by(entsize) {
+            let start = strtab + u32_at(sym);
+            let len = elf[start..].iter().position(|&b| b == 0).unwrap();
+            if &elf[start..start + len] == name.as_bytes() {
+                return u64_at(sym + 8);
+            }
+        }
+    }
+    panic!("the test guest has no symbol {name}");
+}
+
+/// Regression test: the DONE that a restored balloon raises must reach the guest as an
+/// interrupt. It used to be raised before the interrupt controllers and vCPUs were restored,
+/// which overwrote it; the test guest (which also polls its config) then saw DONE only by
+/// polling, and a stock Linux driver, which waits for the interrupt, never did. The guest counts
+/// every interrupt per vector in `irq_counts`; the balloon's config vector is 0x40.
+#[test]
+fn done_raised_while_restoring_reaches_the_guest_as_an_interrupt() {
+    use std::sync::Arc;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    use vmm::config::{BalloonConfig, ConsoleConfig, ConsoleOutputMode, MemoryConfig};
+
+    common::require_kvm();
+    let config_vector_count = GuestAddress(guest_symbol("irq_counts") + 4 * 0x40);
+    let scratch = common::Scratch::new("mig-done-irq");
+    let config = |serial: std::path::PathBuf| vmm::config::VmConfig {
+        memory: MemoryConfig {
+            size: 1 << 30,
+            ..Default::default()
+        },
+        payload: vmm::config::PayloadConfig {
+            kernel: Some(common::guest_elf().to_path_buf()),
+            cmdline: Some("used=64 dirty=256".into()),
+            initramfs: None,
+        },
+        serial: ConsoleConfig {
+            mode: ConsoleOutputMode::File,
+            file: Some(serial),
+        },
+        balloon: Some(BalloonConfig {
+            free_page_hinting: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (serial1, serial2) = (scratch.path("serial1.log"), scratch.path("serial2.log"));
+    let hv = hypervisor::KvmHypervisor::new().expect("KVM");
+    let sink: vmm::vcpu::ExitSink = Arc::new(|e| panic!("guest ended unexpectedly: {e:?}"));
+    let mut source = vmm::vm::Vm::new(config(serial1.clone()), &hv, sink.clone()).unwrap();
+    source.boot().unwrap();
+    common::wait_line_in(&serial1, "guest: verify ok", 1, READY);
+
+    // A hint round the guest answers in full: it then holds its blocks until DONE.
+    let balloon = source.balloon().unwrap().clone();
+    let round = balloon.start_hint_round().unwrap();
+    assert!(
+        round.wait_stopped(Duration::from_secs(10)),
+        "the guest sends STOP"
+    );
+    let hint = common::wait_line_in(&serial1, "guest: hint cmd_id=", 0, READY);
+    let blocks = field(&hint, "blocks").unwrap();
+    assert!(blocks > 0, "{hint}");
+    source.pause().unwrap();
+    let snapshot = source.snapshot().unwrap();
+
+    let mut dest = vmm::vm::Vm::new(config(serial2.clone()), &hv, sink).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for region in source.memory().iter() {
+        let mut addr = region.start_addr();
+        while addr.0 < region.start_addr().0 + region.len() {
+            source.memory().read_slice(&mut buf, addr).unwrap();
+            dest.memory().write_slice(&buf, addr).unwrap();
+            addr = GuestAddress(addr.0 + buf.len() as u64);
+        }
+    }
+    source.shutdown();
+    let before: u32 = dest.memory().read_obj(config_vector_count).unwrap();
+    dest.restore(&snapshot).unwrap();
+    dest.resume().unwrap();
+
+    let done = common::wait_line_in(&serial2, "guest: hint done", 0, READY);
+    assert_eq!(field(&done, "released_blocks"), Some(blocks), "{done}");
+    // The interrupt is taken at once; give a loaded host a moment all the same.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let n: u32 = dest.memory().read_obj(config_vector_count).unwrap();
+        if n > before || Instant::now() >= deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        after > before,
+        "the guest took no config interrupt after the restore ({before} before, {after} after)"
+    );
+    dest.shutdown();
+}
