@@ -265,7 +265,6 @@ impl Receiver<'_> {
             let outcome = RequestHeader::read_from(&mut *stream)
                 .map_err(MigrationError::Protocol)
                 .and_then(|header| {
-                    // A read woken by cancel() fails; say why rather than how.
                     self.control.check()?;
                     self.handle(&header, stream)
                 });
@@ -285,6 +284,7 @@ impl Receiver<'_> {
                     return Err(MigrationError::Abandoned);
                 }
                 Err(e) => {
+                    // A read or write woken by cancel() fails: say why rather than how.
                     let e = match self.control.check() {
                         Err(cancelled) => cancelled,
                         Ok(()) => e,
