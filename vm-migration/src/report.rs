@@ -37,7 +37,8 @@ pub struct HintsReport {
     pub mode: HintMode,
     /// The command id of the hint round (0 if none).
     pub cmd_id: u32,
-    /// Milliseconds from the hint request to the driver's STOP (or the time limit).
+    /// Milliseconds from the hint request to the end of the round: the driver's STOP, the
+    /// guest making no more progress, or the time limit.
     pub wait_ms: f64,
     /// Pages named by accepted hints.
     pub pages_hinted: u64,
@@ -45,9 +46,21 @@ pub struct HintsReport {
     pub pages_skipped: u64,
     /// Hints rejected as invalid.
     pub rejected: u64,
+    /// Why hints were not used, or only partly (e.g. `disabled by request`,
+    /// `round timed out after 10000 ms`); absent when the round was used in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl HintsReport {
+    /// The report of a migration that used no hints, and why.
+    pub fn unused(reason: impl Into<String>) -> Self {
+        HintsReport {
+            reason: Some(reason.into()),
+            ..Default::default()
+        }
+    }
+
     /// The report of a hint round run in `mode`, waited on for `wait`.
     pub fn from_stats(mode: HintMode, stats: &HintStats, wait: Duration) -> Self {
         HintsReport {
@@ -58,6 +71,7 @@ impl HintsReport {
             pages_hinted: stats.pages_hinted,
             pages_skipped: stats.pages_skipped,
             rejected: stats.rejected,
+            reason: None,
         }
     }
 }
@@ -98,7 +112,7 @@ pub struct PhaseTimes {
     pub setup_ms: f64,
     /// Turning dirty logging on.
     pub dirty_log_start_ms: f64,
-    /// The hint round, from request to STOP (or the time limit).
+    /// The hint round, from the request to its end (as `hints.wait_ms`).
     pub hints_ms: f64,
     /// Building round 0 and scanning it for zero pages.
     pub round0_build_ms: f64,
@@ -188,6 +202,27 @@ mod tests {
         assert_eq!(json["rounds"], 3);
         let back: MigrationReport = serde_json::from_value(json).unwrap();
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn reason_is_there_only_when_hints_were_not_fully_used() {
+        let unused = serde_json::to_value(HintsReport::unused("disabled by request")).unwrap();
+        assert_eq!(unused["reason"], "disabled by request");
+        assert_eq!(unused["used"], false);
+        let mut partly = HintsReport::from_stats(
+            HintMode::Stock,
+            &HintStats::default(),
+            Duration::from_secs(10),
+        );
+        partly.reason = Some("round timed out after 10000 ms".into());
+        let json = serde_json::to_value(&partly).unwrap();
+        assert_eq!(json["reason"], "round timed out after 10000 ms");
+        assert_eq!(json["used"], true);
+        let back: HintsReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back, partly);
+        let full = HintsReport::from_stats(HintMode::Stock, &HintStats::default(), Duration::ZERO);
+        let json = serde_json::to_value(&full).unwrap();
+        assert!(json.get("reason").is_none(), "{json}");
     }
 
     #[test]

@@ -8,15 +8,19 @@ use std::sync::Arc;
 use hypervisor::{Hypervisor, KvmHypervisor};
 use thiserror::Error;
 
-use crate::api::{self, ApiError, ApiRequest, ApiResult};
+use crate::api::{self, ApiError, ApiReply, ApiRequest, ApiResult};
 use crate::config::{HintAction, VmConfig};
 use crate::migration;
+use crate::migration::hints::{FreePageHinter, HintWait, MonotonicClock, RoundEnd};
+use crate::migration::receive::{self, IncomingMigration, ReceiveContext};
+use crate::migration::MigrationError;
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::VcpuExitEvent;
 use crate::vm::{Vm, VmError, VmState};
 
-/// How long a hint round started through the API waits for the driver's STOP.
-const API_HINT_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+/// The longest a hint round started through the API is waited for (as long as a migration's
+/// by default).
+const API_HINT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Errors that end the VMM.
 #[derive(Debug, Error)]
@@ -49,9 +53,17 @@ pub struct VmmParams {
 /// What reaches the VMM thread.
 pub enum VmmEvent {
     /// An API request and where to send its answer.
-    Api(ApiRequest, Sender<ApiResult>),
+    Api(ApiRequest, Sender<ApiReply>),
     /// A vCPU reports the end of the guest.
     Vcpu(VcpuExitEvent),
+    /// The `migration-recv` thread is done: the VM that arrived, or why none did.
+    Received(Box<Result<Vm, MigrationError>>),
+}
+
+/// A migration being received, and the `vm.receive-migration` request waiting for it.
+struct Incoming {
+    migration: IncomingMigration,
+    answer: Sender<ApiResult>,
 }
 
 /// The VMM's state: the hypervisor, the VM (if any) and the event channel.
@@ -66,6 +78,10 @@ pub struct Vmm {
     migrated: bool,
     /// Filters for the threads of the VMs it creates.
     seccomp: SeccompMode,
+    /// Why the last hint round started through the API was not fully used.
+    last_hint_reason: Option<String>,
+    /// A migration being received, if any (there is no VM until it has arrived).
+    incoming: Option<Incoming>,
 }
 
 /// Runs the VMM until it is told to stop; returns the process exit code.
@@ -80,17 +96,18 @@ pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
         exit_with_vm: params.vm_config.is_some(),
         migrated: false,
         seccomp: params.seccomp,
+        last_hint_reason: None,
+        incoming: None,
     };
     if let Some(path) = &params.api_socket {
         let api_tx = tx.clone();
-        let handler = Box::new(move |req: ApiRequest| -> ApiResult {
+        let handler = Box::new(move |req: ApiRequest| -> ApiReply {
+            let gone = || ApiReply::Now(Err(ApiError::internal_msg("the VMM is shutting down")));
             let (reply_tx, reply_rx) = channel();
-            api_tx
-                .send(VmmEvent::Api(req, reply_tx))
-                .map_err(|_| ApiError::internal_msg("the VMM is shutting down"))?;
-            reply_rx
-                .recv()
-                .map_err(|_| ApiError::internal_msg("the VMM is shutting down"))?
+            if api_tx.send(VmmEvent::Api(req, reply_tx)).is_err() {
+                return gone();
+            }
+            reply_rx.recv().unwrap_or_else(|_| gone())
         });
         api::start_http_server(path, handler, params.seccomp).map_err(VmmError::Api)?;
     }
@@ -151,7 +168,10 @@ impl Vmm {
             match event {
                 VmmEvent::Api(req, reply) => {
                     let shutdown_vmm = matches!(req, ApiRequest::VmmShutdown);
-                    let result = self.handle_api(req);
+                    let result = match req {
+                        ApiRequest::VmReceiveMigration(data) => self.start_receiving(&data),
+                        req => ApiReply::Now(self.handle_api(req)),
+                    };
                     let vm_gone = self
                         .vm
                         .as_ref()
@@ -163,6 +183,7 @@ impl Vmm {
                         return 0;
                     }
                 }
+                VmmEvent::Received(result) => self.received(*result),
                 VmmEvent::Vcpu(event) => {
                     let code = match &event {
                         VcpuExitEvent::Shutdown | VcpuExitEvent::Reset => {
@@ -189,21 +210,106 @@ impl Vmm {
     }
 
     fn teardown(&mut self) {
+        self.cancel_incoming();
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown();
         }
     }
 
+    /// `vm.receive-migration`: listens, and receives on the `migration-recv` thread; the request
+    /// is answered when the VM has arrived (see [`Vmm::received`]).
+    fn start_receiving(&mut self, data: &crate::config::ReceiveMigrationData) -> ApiReply {
+        if self.vm.is_some() {
+            return Err(ApiError::InvalidState("a VM already exists".into())).into();
+        }
+        if self.incoming.is_some() {
+            return Err(ApiError::InvalidState(
+                "a migration is already being received".into(),
+            ))
+            .into();
+        }
+        let events = self.events_tx.clone();
+        let context = ReceiveContext {
+            hypervisor: self.hypervisor.clone(),
+            exit_sink: self.exit_sink(),
+            seccomp: self.seccomp,
+        };
+        let started = receive::start_receiving(data, context, move |result| {
+            // The VMM thread may be gone (shutting down); nobody needs the VM then.
+            let _ = events.send(VmmEvent::Received(Box::new(result)));
+        });
+        match started {
+            Ok(migration) => {
+                let (answer, later) = channel();
+                self.incoming = Some(Incoming { migration, answer });
+                ApiReply::Later(later)
+            }
+            Err(e) => Err(ApiError::internal("incoming migration failed", e)).into(),
+        }
+    }
+
+    /// The `migration-recv` thread is done: the VM (if it arrived) is this VMM's now, and the
+    /// waiting request is answered.
+    fn received(&mut self, result: Result<Vm, MigrationError>) {
+        let Some(mut incoming) = self.incoming.take() else {
+            // Cancelled meanwhile: whatever arrived is dropped.
+            return;
+        };
+        incoming.migration.join();
+        let answer = match result {
+            Ok(vm) => {
+                self.vm = Some(vm);
+                self.exit_with_vm = true;
+                Ok(None)
+            }
+            Err(e) => Err(ApiError::internal("incoming migration failed", e)),
+        };
+        // The client may have hung up; the migration was still carried out.
+        let _ = incoming.answer.send(answer);
+    }
+
+    /// Stops receiving a migration, if one is being received.
+    fn cancel_incoming(&mut self) {
+        if let Some(mut incoming) = self.incoming.take() {
+            incoming.migration.cancel();
+            let _ = incoming.answer.send(Err(ApiError::internal(
+                "incoming migration failed",
+                MigrationError::Cancelled,
+            )));
+        }
+    }
+
+    /// The error for a VM request when there is no VM.
+    fn no_vm(&self) -> ApiError {
+        match &self.incoming {
+            Some(_) => ApiError::InvalidState("no VM yet: a migration is being received".into()),
+            None => no_vm(),
+        }
+    }
+
+    /// `vm.info` while a migration is being received: there is no VM yet.
+    fn receiving_info(&self) -> Option<serde_json::Value> {
+        let incoming = self.incoming.as_ref()?;
+        Some(serde_json::json!({
+            "state": "Receiving",
+            "receiving": {
+                "receiver_url": incoming.migration.url(),
+                "phase": incoming.migration.phase().name(),
+            },
+        }))
+    }
+
     fn balloon(&self) -> Result<&virtio_devices::BalloonHandle, ApiError> {
         self.vm
             .as_ref()
-            .ok_or_else(no_vm)?
+            .ok_or_else(|| self.no_vm())?
             .balloon()
             .ok_or_else(|| ApiError::InvalidState("the VM has no balloon (--balloon)".into()))
     }
 
     fn vm_mut(&mut self) -> Result<&mut Vm, ApiError> {
-        self.vm.as_mut().ok_or_else(no_vm)
+        let missing = self.no_vm();
+        self.vm.as_mut().ok_or(missing)
     }
 
     fn handle_api(&mut self, req: ApiRequest) -> ApiResult {
@@ -219,6 +325,9 @@ impl Vmm {
                 if self.vm.is_some() {
                     return Err(ApiError::InvalidState("a VM already exists".into()));
                 }
+                if self.incoming.is_some() {
+                    return Err(self.no_vm());
+                }
                 config
                     .validate_resources()
                     .map_err(|e| ApiError::InvalidConfig {
@@ -233,12 +342,17 @@ impl Vmm {
                 Ok(None)
             }
             ApiRequest::VmInfo => {
-                let vm = self.vm.as_ref().ok_or_else(no_vm)?;
+                if let Some(info) = self.receiving_info() {
+                    return Ok(Some(info));
+                }
+                let vm = self.vm.as_ref().ok_or_else(|| self.no_vm())?;
                 serde_json::to_value(vm.info())
                     .map(Some)
                     .map_err(|e| ApiError::internal("cannot encode vm.info", e))
             }
-            ApiRequest::VmCounters => Ok(Some(self.vm.as_ref().ok_or_else(no_vm)?.counters())),
+            ApiRequest::VmCounters => Ok(Some(
+                self.vm.as_ref().ok_or_else(|| self.no_vm())?.counters(),
+            )),
             ApiRequest::VmPause => {
                 self.vm_mut()?.pause().map_err(vm_error)?;
                 Ok(None)
@@ -256,11 +370,12 @@ impl Vmm {
                 Ok(None)
             }
             ApiRequest::VmDelete => {
+                // Also stops a migration being received.
                 self.teardown();
                 Ok(None)
             }
             ApiRequest::VmResize(data) => {
-                let vm = self.vm.as_ref().ok_or_else(no_vm)?;
+                let vm = self.vm.as_ref().ok_or_else(|| self.no_vm())?;
                 let Some(size) = data.desired_balloon else {
                     return Err(ApiError::Unsupported(
                         "resizing anything but the balloon".into(),
@@ -281,7 +396,7 @@ impl Vmm {
                 Ok(None)
             }
             ApiRequest::VmSendMigration(data) => {
-                let vm = self.vm.as_mut().ok_or_else(no_vm)?;
+                let vm = self.vm_mut()?;
                 let hinter = vm.free_page_hinter();
                 let hinter = hinter
                     .as_ref()
@@ -295,26 +410,24 @@ impl Vmm {
                     .map(Some)
                     .map_err(|e| ApiError::internal("cannot encode the migration report", e))
             }
-            ApiRequest::VmReceiveMigration(data) => {
-                if self.vm.is_some() {
-                    return Err(ApiError::InvalidState("a VM already exists".into()));
-                }
-                let vm = migration::receive::receive_migration(
-                    &data,
-                    self.hypervisor.as_ref(),
-                    self.exit_sink(),
-                    self.seccomp,
-                )
-                .map_err(|e| ApiError::internal("incoming migration failed", e))?;
-                self.vm = Some(vm);
-                self.exit_with_vm = true;
-                Ok(None)
-            }
+            // Answered later, on the VMM thread's loop (see `run`).
+            ApiRequest::VmReceiveMigration(_) => Err(ApiError::internal_msg(
+                "vm.receive-migration reached the wrong handler",
+            )),
             ApiRequest::VmBalloonHintsGet => {
                 let balloon = self.balloon()?;
-                serde_json::to_value(balloon.hint_status())
-                    .map(Some)
-                    .map_err(|e| ApiError::internal("cannot encode the hint status", e))
+                let mut body = serde_json::to_value(balloon.hint_status())
+                    .map_err(|e| ApiError::internal("cannot encode the hint status", e))?;
+                // Why a round cannot start now, else why the last one was not fully used.
+                let reason = self
+                    .hinter()
+                    .and_then(|h| h.unavailable())
+                    .map(|why| why.to_string())
+                    .or_else(|| self.last_hint_reason.clone());
+                if let Some(map) = body.as_object_mut() {
+                    map.insert("reason".into(), reason.into());
+                }
+                Ok(Some(body))
             }
             ApiRequest::VmBalloonHintsPut(action) => {
                 let balloon = self.balloon()?;
@@ -322,26 +435,45 @@ impl Vmm {
                     ApiError::InvalidState(crate::api::error_chain(&e))
                 };
                 match action.action {
-                    HintAction::Start => {
-                        // Outside a migration the hints are only counted, as Firecracker does.
-                        // The round ends at the driver's STOP or after the same wait a
-                        // migration allows, so a driver that never answers cannot hang it.
-                        let round = balloon.start_hint_round().map_err(err)?;
-                        let stopped = round.wait_stopped(API_HINT_WAIT);
-                        if !stopped {
-                            balloon.stop_hint_round().map_err(err)?;
-                        }
-                        let mut body = serde_json::to_value(balloon.hint_status())
-                            .map_err(|e| ApiError::internal("cannot encode the hint status", e))?;
-                        if let Some(map) = body.as_object_mut() {
-                            map.insert("timed_out".into(), (!stopped).into());
-                        }
-                        Ok(Some(body))
-                    }
+                    HintAction::Start => self.api_hint_round(),
                     HintAction::Stop => balloon.stop_hint_round().map(|_| None).map_err(err),
                     HintAction::Done => balloon.hint_done().map(|_| None).map_err(err),
                 }
             }
         }
+    }
+
+    fn hinter(&self) -> Option<crate::devices::balloon::BalloonHinter> {
+        self.vm.as_ref().and_then(Vm::free_page_hinter)
+    }
+
+    /// `vm.balloon-hints` start: a round outside a migration, whose hints are only counted (as
+    /// Firecracker does). It ends like a migration's round (STOP, the guest's progress stalling,
+    /// or [`API_HINT_WAIT`]), so a driver that never answers cannot hang it.
+    fn api_hint_round(&mut self) -> ApiResult {
+        let hinter = self.hinter().ok_or_else(|| self.no_vm())?;
+        let mut round = hinter
+            .start_round()
+            .map_err(|why| ApiError::InvalidState(format!("cannot start a hint round: {why}")))?;
+        let mut pages = 0u64;
+        let outcome =
+            HintWait::new(API_HINT_WAIT).run(round.as_mut(), &MonotonicClock::new(), |hints| {
+                pages += hints.iter().map(|(_, len)| len / 4096).sum::<u64>()
+            });
+        if outcome.needs_stop() {
+            hinter.stop_round();
+        }
+        self.last_hint_reason = outcome.reason(pages);
+        let status = self.balloon()?.hint_status();
+        let mut body = serde_json::to_value(status)
+            .map_err(|e| ApiError::internal("cannot encode the hint status", e))?;
+        if let Some(map) = body.as_object_mut() {
+            map.insert(
+                "timed_out".into(),
+                (outcome.end != RoundEnd::Stopped).into(),
+            );
+            map.insert("reason".into(), self.last_hint_reason.clone().into());
+        }
+        Ok(Some(body))
     }
 }

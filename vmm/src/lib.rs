@@ -2,7 +2,8 @@
 //!
 //! Threads: the VMM thread runs [`controller::Vmm`], which owns the VM and serves every request
 //! in turn; the `http-server` thread parses API requests and hands them over; one thread per
-//! vCPU runs the guest; the balloon's worker thread serves its queues. Each of them runs under a
+//! vCPU runs the guest; the balloon's worker thread serves its queues; a `migration-recv` thread
+//! receives an incoming migration and hands the VM to the VMM thread. Each of them runs under a
 //! seccomp filter ([`seccomp`]).
 
 pub mod api;

@@ -6,6 +6,7 @@
 //! | `vcpuN`          | [`crate::vcpu::VcpuManager::start`] | `KVM_RUN` and the few VM ioctls device models need (ioeventfds, irqfds, GSI routing), eventfd and serial I/O, the kick signal, starting the balloon worker |
 //! | `http-server`    | [`crate::api::start_http_server`] | accept, read and answer API connections, hand requests over a channel, remove the socket when told to stop |
 //! | `balloon-worker` | the balloon's worker start hook   | epoll over its eventfds, `madvise(MADV_DONTNEED)`, punching holes in shared guest RAM |
+//! | `migration-recv` | [`crate::migration::receive::start_receiving`] | what the VMM thread may do, less opening, binding and connecting sockets and reading dirty logs: accept the source on a listener the VMM thread bound, read the stream (memfds with `SCM_RIGHTS`), build and restore the VM, start its vCPUs and balloon worker |
 //! | VMM (main)       | [`crate::controller::start_vmm`]  | create and run VMs (KVM system, VM and vCPU ioctls, guest RAM and memfds, kernel and serial files), migrate them over UNIX or TCP sockets (with `SCM_RIGHTS`), start the other threads |
 //!
 //! Every list also holds what the Rust and C runtimes need on any thread: memory allocation
@@ -101,15 +102,18 @@ pub enum ThreadKind {
     BalloonWorker,
     /// The VMM thread (the main thread, once the VMM has started).
     Vmm,
+    /// The `migration-recv` thread, which receives an incoming migration.
+    MigrationReceive,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::HttpServer,
         ThreadKind::BalloonWorker,
         ThreadKind::Vmm,
+        ThreadKind::MigrationReceive,
     ];
 
     /// A short name, for messages.
@@ -119,6 +123,7 @@ impl ThreadKind {
             ThreadKind::HttpServer => "http-server",
             ThreadKind::BalloonWorker => "balloon-worker",
             ThreadKind::Vmm => "vmm",
+            ThreadKind::MigrationReceive => "migration-recv",
         }
     }
 }
@@ -625,12 +630,40 @@ fn vmm() -> Allow {
     a
 }
 
+/// The `migration-recv` thread: everything it does is driven by the source's stream. It starts
+/// under the VMM thread's filter (which it inherits) and narrows it: the listener is bound by
+/// the VMM thread, so it creates, binds and connects no sockets and resolves no names; it reads
+/// no dirty logs. It builds and restores the VM and starts the VM's vCPU threads and balloon
+/// worker, which keep its filter for life, so it allows all they do.
+fn migration_receive() -> Allow {
+    let mut a = vmm();
+    for nr in [
+        libc::SYS_socket,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_connect,
+        libc::SYS_sendmmsg,
+        libc::SYS_uname,
+    ] {
+        a.0.remove(&nr);
+    }
+    let not_needed = [KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG];
+    let ioctls: Vec<u64> = VMM_IOCTLS
+        .iter()
+        .copied()
+        .filter(|nr| !not_needed.contains(nr))
+        .collect();
+    a.0.insert(libc::SYS_ioctl, one_of(1, &ioctls));
+    a
+}
+
 fn allowlist(kind: ThreadKind) -> Allow {
     match kind {
         ThreadKind::Vcpu => vcpu(),
         ThreadKind::HttpServer => http_server(),
         ThreadKind::BalloonWorker => balloon_worker(),
         ThreadKind::Vmm => vmm(),
+        ThreadKind::MigrationReceive => migration_receive(),
     }
 }
 
@@ -1021,5 +1054,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_migration_receiver_covers_its_threads_and_connects_nowhere() {
+        let covers = |parent: &Allow, child: &Allow| {
+            child.0.iter().all(|(nr, rules)| match parent.0.get(nr) {
+                None => false,
+                Some(p) if p.is_empty() => true,
+                Some(p) => !rules.is_empty() && rules.iter().all(|r| p.contains(r)),
+            })
+        };
+        let receiver = migration_receive();
+        assert!(covers(&receiver, &vcpu()));
+        assert!(covers(&receiver, &balloon_worker()));
+        assert!(covers(&vmm(), &receiver));
+        let (socket, connect, accept) = under_filter(ThreadKind::MigrationReceive, || {
+            // SAFETY: a socket that opens is closed at once; connect and accept4 on fd -1 only
+            // fail (EBADF) when they are allowed.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let socket = if fd >= 0 {
+                    libc::close(fd);
+                    0
+                } else {
+                    errno_of(-1)
+                };
+                let connect = errno_of(libc::connect(-1, std::ptr::null(), 0) as libc::c_long);
+                let accept =
+                    errno_of(
+                        libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0)
+                            as libc::c_long,
+                    );
+                (socket, connect, accept)
+            }
+        });
+        assert_eq!(
+            (socket, connect, accept),
+            (libc::EPERM, libc::EPERM, libc::EBADF)
+        );
     }
 }

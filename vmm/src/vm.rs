@@ -270,6 +270,13 @@ impl Vm {
 
     /// Loads a snapshot into a VM that was built but never booted, and starts its vCPUs paused:
     /// [`Vm::resume`] lets the guest continue. Memory must already hold the guest's contents.
+    ///
+    /// Order matters for interrupts: the interrupt controllers and the vCPUs (their local APICs)
+    /// are restored *before* any device. Restoring a device may raise interrupts at once (the
+    /// balloon's DONE, buffers the driver queued before the pause), and KVM records them in the
+    /// controllers' current state; restored afterwards, that state would be overwritten with the
+    /// source's and the interrupts lost. So they land in the restored state and reach the guest
+    /// as soon as its vCPUs run.
     pub fn restore(&mut self, snapshot: &VmSnapshot) -> Result<(), VmError> {
         if self.state != VmState::Created {
             return Err(VmError::InvalidState(self.state));
@@ -280,41 +287,49 @@ impl Vm {
                 self.vcpus.count(),
             ));
         }
-        match (&self.devices.balloon, &snapshot.balloon) {
-            (Some(dev), Some(state)) => {
-                lock(&dev.pci)
-                    .restore(state.clone())
-                    .map_err(|e| VmError::DeviceState(e.to_string()))?;
-                self.devices
-                    .pci
-                    .register_ioevents(dev.slot)
-                    .map_err(|e| VmError::Devices(crate::devices::DeviceError::Pci(e)))?;
-                // The source's hint round ends here: the driver may give its blocks back.
-                use virtio_devices::HintState;
-                if matches!(
-                    state.device.hinting.state,
-                    HintState::Requested | HintState::Receiving | HintState::Stopped
-                ) {
-                    if let Err(e) = dev.handle.hint_done() {
-                        log::warn!("cannot tell the balloon driver DONE: {e}");
-                    }
-                }
-            }
-            (None, None) => {}
-            _ => {
-                return Err(VmError::DeviceState(
-                    "balloon present on one side only".into(),
-                ))
-            }
+        if self.devices.balloon.is_some() != snapshot.balloon.is_some() {
+            return Err(VmError::DeviceState(
+                "balloon present on one side only".into(),
+            ));
         }
+        // 1. Interrupt controllers, PIT and clock; then each vCPU, its local APIC included.
         self.vm
             .set_state(&snapshot.vm)
             .map_err(VmError::Hypervisor)?;
         self.vcpus.restore(&snapshot.vcpus).map_err(VmError::Vcpu)?;
+        // 2. Devices: whatever they raise from here on is kept until the guest takes it.
+        self.restore_devices(snapshot)?;
+        // 3. vCPU threads, parked until `resume`.
         self.vcpus
             .start(self.handlers(), self.exit_sink.clone(), true, self.seccomp)
             .map_err(VmError::Vcpu)?;
         self.state = VmState::Paused;
+        Ok(())
+    }
+
+    /// Restores the devices' state (step 2 of [`Vm::restore`]), and ends the source's hint
+    /// round: DONE lets the driver give back the blocks it holds.
+    fn restore_devices(&mut self, snapshot: &VmSnapshot) -> Result<(), VmError> {
+        let (Some(dev), Some(state)) = (&self.devices.balloon, &snapshot.balloon) else {
+            return Ok(());
+        };
+        lock(&dev.pci)
+            .restore(state.clone())
+            .map_err(|e| VmError::DeviceState(e.to_string()))?;
+        self.devices
+            .pci
+            .register_ioevents(dev.slot)
+            .map_err(|e| VmError::Devices(crate::devices::DeviceError::Pci(e)))?;
+        use virtio_devices::HintState;
+        if matches!(
+            state.device.hinting.state,
+            HintState::Requested | HintState::Receiving | HintState::Stopped
+        ) {
+            // The config interrupt this raises waits in the restored local APIC (see above).
+            if let Err(e) = dev.handle.hint_done() {
+                log::warn!("cannot tell the balloon driver DONE: {e}");
+            }
+        }
         Ok(())
     }
 

@@ -3,6 +3,11 @@
 //! One request per connection (every answer carries `Connection: close`), one connection at a
 //! time, on a thread named `http-server`. Requests are read with a deadline and size limits, so a
 //! slow, silent or malicious client gets a 4xx (or is dropped) and the server goes on serving.
+//!
+//! A handler may answer later ([`ApiReply::Later`], e.g. `vm.receive-migration`, which ends when
+//! a migration has arrived): its connection is kept open and answered when the result comes,
+//! while the server goes on serving other connections. To notice that result, the listener's
+//! `accept` gives up every [`PENDING_POLL`].
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -30,8 +35,25 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to take the response.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the server looks for results of requests answered later.
+const PENDING_POLL: Duration = Duration::from_millis(100);
+
+/// What a handler gives back for a request.
+pub enum ApiReply {
+    /// The answer.
+    Now(ApiResult),
+    /// The answer will come on this channel; the server serves other requests meanwhile.
+    Later(std::sync::mpsc::Receiver<ApiResult>),
+}
+
+impl From<ApiResult> for ApiReply {
+    fn from(result: ApiResult) -> Self {
+        ApiReply::Now(result)
+    }
+}
+
 /// The function that executes API requests, called on the `http-server` thread.
-pub type ApiHandler = Box<dyn FnMut(ApiRequest) -> ApiResult + Send>;
+pub type ApiHandler = Box<dyn FnMut(ApiRequest) -> ApiReply + Send>;
 
 /// Errors from starting the API server.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +152,11 @@ fn start_with_limits(
     seccomp: SeccompMode,
 ) -> Result<JoinHandle<()>, HttpServerError> {
     let listener = bind_socket(socket_path)?;
+    let listener =
+        with_accept_timeout(listener, PENDING_POLL).map_err(|source| HttpServerError::Bind {
+            path: socket_path.to_path_buf(),
+            source,
+        })?;
     let path = socket_path.to_path_buf();
     let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
     let thread = thread::Builder::new()
@@ -207,21 +234,68 @@ fn bind_socket(path: &Path) -> Result<UnixListener, HttpServerError> {
     Ok(listener)
 }
 
-/// The server loop: accept, read one request, answer, close.
+/// Makes `accept` on `listener` give up after `timeout` (`SO_RCVTIMEO`, which Linux applies to
+/// accepting on a UNIX socket). Set here, before the server thread's filter is installed.
+fn with_accept_timeout(listener: UnixListener, timeout: Duration) -> io::Result<UnixListener> {
+    use std::os::fd::OwnedFd;
+    // std sets socket options on streams only; the option itself is the same for a listener.
+    let socket = UnixStream::from(OwnedFd::from(listener));
+    socket.set_read_timeout(Some(timeout))?;
+    Ok(UnixListener::from(OwnedFd::from(socket)))
+}
+
+/// A connection waiting for its answer.
+struct Pending {
+    stream: UnixStream,
+    endpoint: &'static str,
+    answer: std::sync::mpsc::Receiver<ApiResult>,
+}
+
+impl Pending {
+    /// Answers if the result has come (or can never come); true once answered.
+    fn try_answer(&mut self) -> bool {
+        use std::sync::mpsc::TryRecvError;
+        let result = match self.answer.try_recv() {
+            Ok(result) => result,
+            Err(TryRecvError::Empty) => return false,
+            Err(TryRecvError::Disconnected) => {
+                Err(ApiError::internal_msg("the request was abandoned"))
+            }
+        };
+        send(&mut self.stream, &result_response(self.endpoint, result));
+        true
+    }
+}
+
+/// The server loop: accept, read one request, answer (now or later), close.
 fn serve(listener: UnixListener, path: &Path, mut handler: ApiHandler, limits: Limits) {
     info!("API server listening on {}", path.display());
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                if handle_connection(stream, &mut handler, limits) == Flow::Stop {
-                    break;
-                }
-            }
+    let mut pending: Vec<Pending> = Vec::new();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => match handle_connection(stream, &mut handler, limits) {
+                Flow::Continue => {}
+                Flow::Later(p) => pending.push(p),
+                Flow::Stop => break,
+            },
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 warn!("API socket accept failed: {e}");
                 // Out of file descriptors and the like: do not spin.
                 thread::sleep(Duration::from_millis(10));
             }
+        }
+        pending.retain_mut(|p| !p.try_answer());
+    }
+    for mut p in pending {
+        if !p.try_answer() {
+            let e = ApiError::internal_msg("the VMM is shutting down");
+            send(&mut p.stream, &error_response(&e));
         }
     }
     match fs::remove_file(path) {
@@ -233,9 +307,10 @@ fn serve(listener: UnixListener, path: &Path, mut handler: ApiHandler, limits: L
     info!("API server stopped");
 }
 
-#[derive(Debug, PartialEq, Eq)]
 enum Flow {
     Continue,
+    /// Answer this connection once its result comes.
+    Later(Pending),
     Stop,
 }
 
@@ -288,28 +363,42 @@ fn handle_connection(mut stream: UnixStream, handler: &mut ApiHandler, limits: L
         // Answer first: the VMM may exit as soon as the handler returns.
         send(&mut stream, &response(204, None, None));
         drop(stream);
-        if let Err(e) = call(handler, request) {
+        if let ApiReply::Now(Err(e)) = call(handler, request) {
             error!("vmm.shutdown failed: {}", e.message());
         }
         return Flow::Stop;
     }
     let endpoint = request.endpoint();
-    let bytes = match call(handler, request) {
+    match call(handler, request) {
+        ApiReply::Now(result) => {
+            send(&mut stream, &result_response(endpoint, result));
+            Flow::Continue
+        }
+        ApiReply::Later(answer) => Flow::Later(Pending {
+            stream,
+            endpoint,
+            answer,
+        }),
+    }
+}
+
+/// The response to a handler's result.
+fn result_response(endpoint: &str, result: ApiResult) -> Vec<u8> {
+    match result {
         Ok(Some(body)) => response(200, Some(&body), None),
         Ok(None) => response(204, None, None),
         Err(e) => {
             info!("API request {endpoint} failed: {}", e.message());
             error_response(&e)
         }
-    };
-    send(&mut stream, &bytes);
-    Flow::Continue
+    }
 }
 
 /// Calls the handler, turning a panic into a 500.
-fn call(handler: &mut ApiHandler, request: ApiRequest) -> ApiResult {
-    panic::catch_unwind(AssertUnwindSafe(|| handler(request)))
-        .unwrap_or_else(|_| Err(ApiError::internal_msg("the request handler panicked")))
+fn call(handler: &mut ApiHandler, request: ApiRequest) -> ApiReply {
+    panic::catch_unwind(AssertUnwindSafe(|| handler(request))).unwrap_or_else(|_| {
+        ApiReply::Now(Err(ApiError::internal_msg("the request handler panicked")))
+    })
 }
 
 /// Reads one request: headers up to [`MAX_HEADER_SIZE`], a body up to [`MAX_BODY_SIZE`].
@@ -507,10 +596,12 @@ mod tests {
         Box::new(move |request| {
             let _ = seen.send(request.clone());
             match request {
-                ApiRequest::VmmPing => Ok(Some(serde_json::json!({"version": "test"}))),
-                ApiRequest::VmInfo => Err(ApiError::InvalidState("VM is not created".into())),
+                ApiRequest::VmmPing => Ok(Some(serde_json::json!({"version": "test"}))).into(),
+                ApiRequest::VmInfo => {
+                    Err(ApiError::InvalidState("VM is not created".into())).into()
+                }
                 ApiRequest::VmPause => panic!("handler bug"),
-                _ => Ok(None),
+                _ => Ok(None).into(),
             }
         })
     }
@@ -721,5 +812,56 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, HttpServerError::Bind { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_request_answered_later_does_not_hold_the_server() {
+        let path = socket_path("later");
+        let _ = fs::remove_file(&path);
+        let (later_tx, later_rx) = mpsc::channel();
+        let handler: ApiHandler = Box::new(move |request| match request {
+            ApiRequest::VmReceiveMigration(_) => {
+                let (answer_tx, answer_rx) = mpsc::channel();
+                let _ = later_tx.send(answer_tx);
+                ApiReply::Later(answer_rx)
+            }
+            ApiRequest::VmmPing => Ok(Some(serde_json::json!({"version": "test"}))).into(),
+            _ => Ok(None).into(),
+        });
+        let thread = start_http_server(&path, handler, SeccompMode::Enabled).unwrap();
+        let receive = |path: PathBuf| {
+            thread::spawn(move || {
+                let data = crate::config::ReceiveMigrationData::parse("unix:/tmp/x").unwrap();
+                send_request(&path, &ApiRequest::VmReceiveMigration(data)).unwrap()
+            })
+        };
+        let waiting = receive(path.clone());
+        let answer = later_rx.recv().unwrap();
+        // The server answers others while the first request waits.
+        ping_ok(&path);
+        ping_ok(&path);
+        assert!(!waiting.is_finished());
+        answer
+            .send(Err(ApiError::internal_msg("incoming migration failed")))
+            .unwrap();
+        let r = waiting.join().unwrap();
+        assert_eq!(
+            (r.status, r.error_message().as_str()),
+            (500, "incoming migration failed")
+        );
+        // A result that never comes (the sender dropped) is an error, not a hang.
+        let waiting = receive(path.clone());
+        drop(later_rx.recv().unwrap());
+        assert_eq!(waiting.join().unwrap().status, 500);
+        // Still waiting when the server stops: answered too.
+        let waiting = receive(path.clone());
+        let _answer = later_rx.recv().unwrap();
+        send_request(&path, &ApiRequest::VmmShutdown).unwrap();
+        thread.join().unwrap();
+        let r = waiting.join().unwrap();
+        assert_eq!(
+            (r.status, r.error_message().as_str()),
+            (500, "the VMM is shutting down")
+        );
     }
 }

@@ -29,7 +29,9 @@
 //! | 500 | the request failed ([`ApiError::Internal`]) |
 //! | 501 | a feature this VMM does not have, chunked bodies ([`ApiError::Unsupported`]) |
 //!
-//! Requests are served one at a time: a `vm.send-migration` holds the server until it ends.
+//! Requests are served one at a time: a `vm.send-migration` holds the server until it ends. A
+//! `vm.receive-migration` does not: it is answered when the migration has arrived (or failed),
+//! and other requests are served meanwhile (`vm.info` then shows the state `Receiving`).
 
 pub mod client;
 mod http;
@@ -42,7 +44,9 @@ use crate::config::{
     VmResizeData,
 };
 
-pub use http::{start_http_server, ApiHandler, HttpServerError, MAX_BODY_SIZE, MAX_HEADER_SIZE};
+pub use http::{
+    start_http_server, ApiHandler, ApiReply, HttpServerError, MAX_BODY_SIZE, MAX_HEADER_SIZE,
+};
 pub use routes::{parse_request, API_PREFIX};
 
 /// A request to the VMM, decoded from the API.
@@ -72,7 +76,8 @@ pub enum ApiRequest {
     VmResize(VmResizeData),
     /// `PUT vm.send-migration`: blocks the server until the migration ends.
     VmSendMigration(SendMigrationData),
-    /// `PUT vm.receive-migration`.
+    /// `PUT vm.receive-migration`: answered once the migration has arrived; other requests are
+    /// served meanwhile.
     VmReceiveMigration(ReceiveMigrationData),
     /// `GET vm.balloon-hints`: state and counters of the last hinting round.
     VmBalloonHintsGet,

@@ -26,7 +26,8 @@ pub struct SendMigrationData {
     /// Skip all-zero pages. Default true.
     #[serde(default = "default_true")]
     pub zero_pages: bool,
-    /// Longest wait for the guest's hinting STOP, in milliseconds. Default 1000.
+    /// Longest wait for a hint round, in milliseconds. The round ends earlier at the driver's
+    /// STOP, or once no new hint came for half a second. Default 10000.
     #[serde(default = "default_hint_wait_ms")]
     pub hint_wait_ms: u64,
 }
@@ -40,7 +41,7 @@ fn default_timeout_s() -> u64 {
 }
 
 fn default_hint_wait_ms() -> u64 {
-    1000
+    10_000
 }
 
 fn default_true() -> bool {
@@ -245,7 +246,7 @@ mod tests {
         assert_eq!(d, SendMigrationData::new("unix:/tmp/mig.sock"));
         assert_eq!(d.downtime_ms, 300);
         assert_eq!(d.timeout_s, 3600);
-        assert_eq!(d.hint_wait_ms, 1000);
+        assert_eq!(d.hint_wait_ms, 10_000);
         assert!(d.free_page_hints && d.zero_pages && !d.local);
         // A '=' inside a URL's path does not make it a key=value list.
         assert_eq!(
@@ -314,7 +315,7 @@ mod tests {
         assert_eq!(
             full,
             serde_json::json!({"destination_url": "unix:/x", "local": false, "downtime_ms": 300,
-                "timeout_s": 3600, "free_page_hints": true, "zero_pages": true, "hint_wait_ms": 1000})
+                "timeout_s": 3600, "free_page_hints": true, "zero_pages": true, "hint_wait_ms": 10000})
         );
         assert_eq!(
             serde_json::from_value::<SendMigrationData>(full).unwrap(),

@@ -13,7 +13,7 @@ use super::DeviceError;
 use crate::config::BalloonConfig;
 use crate::interrupts::{InterruptManager, IrqfdLine, MsiVectorGroup};
 use crate::memory::GuestMemoryMmap;
-use crate::migration::hints::{FreePageHinter, HintSource};
+use crate::migration::hints::{FreePageHinter, HintSource, HintsUnavailable};
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 
 /// MSI-X vectors for the balloon: configuration changes plus up to five queues.
@@ -140,7 +140,17 @@ pub fn counters_json(handle: &BalloonHandle, activation: &ActivationReport) -> s
 }
 
 /// Free page hints from the balloon.
-pub struct BalloonHinter(pub BalloonHandle);
+pub struct BalloonHinter(BalloonHandle);
+
+/// Why the balloon refused to start a round.
+fn unavailable_because(e: &virtio_devices::BalloonError) -> HintsUnavailable {
+    match e {
+        virtio_devices::BalloonError::HintingNotNegotiated => HintsUnavailable::NotNegotiated,
+        virtio_devices::BalloonError::NotActive => HintsUnavailable::NotActive,
+        virtio_devices::BalloonError::QueueNotEnabled { .. } => HintsUnavailable::QueueNotEnabled,
+        other => HintsUnavailable::Other(crate::api::error_chain(other)),
+    }
+}
 
 impl BalloonHinter {
     /// Why hinting is unavailable (not negotiated, device not started, or started without the
@@ -168,6 +178,10 @@ impl HintSource for BalloonHintRound {
     fn wait_stopped(&self, timeout: Duration) -> bool {
         self.0.wait_stopped(timeout)
     }
+
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
 }
 
 impl FreePageHinter for BalloonHinter {
@@ -181,11 +195,21 @@ impl FreePageHinter for BalloonHinter {
         }
     }
 
-    fn start_round(&self) -> Result<Box<dyn HintSource>, String> {
+    fn unavailable(&self) -> Option<HintsUnavailable> {
+        self.0
+            .hint_availability()
+            .err()
+            .map(|e| unavailable_because(&e))
+    }
+
+    fn start_round(&self) -> Result<Box<dyn HintSource>, HintsUnavailable> {
+        if let Some(why) = self.unavailable() {
+            return Err(why);
+        }
         self.0
             .start_hint_round()
             .map(|r| Box::new(BalloonHintRound(r)) as Box<dyn HintSource>)
-            .map_err(|e| crate::api::error_chain(&e))
+            .map_err(|e| unavailable_because(&e))
     }
 
     fn stop_round(&self) {

@@ -80,6 +80,15 @@ pub enum MigrationError {
     /// The VM must be running to be migrated.
     #[error("the VM is not running")]
     NotRunning,
+    /// The VMM was shut down (or the VM deleted) while a migration was being received.
+    #[error("the incoming migration was cancelled")]
+    Cancelled,
+    /// The receiving thread could not be started.
+    #[error("cannot start the migration-recv thread")]
+    Spawn(#[source] std::io::Error),
+    /// The receiving thread could not install its seccomp filter.
+    #[error("cannot filter the migration-recv thread")]
+    Seccomp(#[source] crate::seccomp::SeccompError),
 }
 
 impl MigrationError {

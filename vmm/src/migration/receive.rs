@@ -1,9 +1,24 @@
 //! The receiving side of a live migration: builds the VM from the source's configuration,
 //! writes guest memory as it arrives (never touching pages that were not sent), restores the
 //! CPU and device state, and resumes the guest.
+//!
+//! It runs on its own thread, `migration-recv`, under its own seccomp filter (it reads
+//! everything the peer sends), so the VMM thread keeps serving the API meanwhile:
+//!
+//! ```text
+//!  VMM thread                              migration-recv thread
+//!  vm.receive-migration: bind ──spawn──▶   wait for the source (cancellable)
+//!  (serves ping, info: "Receiving")        Config, Memory…, State, Complete
+//!  ◀──────────────── done(Ok(vm) | Err) ── the running VM, or why not
+//!  owns the VM; answers the request
+//!  vmm.shutdown: cancel() ─────────────▶   stops waiting / reading, drops what it built
+//! ```
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use hypervisor::Hypervisor;
 use vm_migration::protocol::{self, Command, RequestHeader};
@@ -14,12 +29,16 @@ use vm_migration::{
 use super::MigrationError;
 use crate::config::{ReceiveMigrationData, VmConfig};
 use crate::memory;
-use crate::seccomp::SeccompMode;
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::ExitSink;
 use crate::vm::{Vm, VmSnapshot};
 
 /// How long any single read or write may block once the source is connected.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the wait for the source looks whether it was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+/// How long [`IncomingMigration::cancel`] waits for the thread to end.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 /// What a request left the receiver to do next.
 enum Next {
@@ -27,66 +46,258 @@ enum Next {
     Done,
 }
 
-struct Receiver<'h> {
-    hypervisor: &'h dyn Hypervisor,
-    exit_sink: ExitSink,
-    seccomp: SeccompMode,
-    config: Option<VmConfig>,
-    vm: Option<Vm>,
-    ram: Option<RamRegions>,
+/// Where an incoming migration is, for `vm.info`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReceivePhase {
+    /// Listening; no source yet.
+    Listening = 0,
+    /// A source is connected; configuration and memory arrive.
+    Receiving = 1,
+    /// CPU and device state arrived; the VM is being restored and resumed.
+    Restoring = 2,
 }
 
-/// Waits for one migration on `data.receiver_url` and returns the running VM, whose threads run
-/// under seccomp filters as `seccomp` says.
-pub fn receive_migration(
-    data: &ReceiveMigrationData,
-    hypervisor: &dyn Hypervisor,
-    exit_sink: ExitSink,
-    seccomp: SeccompMode,
-) -> Result<Vm, MigrationError> {
-    let url: MigrationUrl = data.receiver_url.parse().map_err(MigrationError::Url)?;
-    let listener = MigrationListener::bind(&url).map_err(MigrationError::Transport)?;
-    let mut stream = listener
-        .accept_one(None, Some(IO_TIMEOUT))
-        .map_err(MigrationError::Transport)?;
-    let mut receiver = Receiver {
-        hypervisor,
-        exit_sink,
-        seccomp,
-        config: None,
-        vm: None,
-        ram: None,
-    };
-    loop {
-        let outcome = RequestHeader::read_from(&mut stream)
-            .map_err(MigrationError::Protocol)
-            .and_then(|header| receiver.handle(&header, &mut stream));
-        match outcome {
-            Ok(next) => {
-                Response::Ok
-                    .write_to(&mut stream)
-                    .map_err(MigrationError::Protocol)?;
-                if let Next::Done = next {
-                    // The source may already be gone: the guest runs here now either way.
-                    return receiver.vm.ok_or(MigrationError::Unexpected("Complete"));
-                }
+impl ReceivePhase {
+    /// The name `vm.info` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReceivePhase::Listening => "listening",
+            ReceivePhase::Receiving => "receiving",
+            ReceivePhase::Restoring => "restoring",
+        }
+    }
+}
+
+/// Shared between the VMM thread and the receiving thread.
+#[derive(Default)]
+struct ReceiveControl {
+    cancelled: AtomicBool,
+    phase: AtomicU8,
+    /// A second handle on the connection, to wake a blocked read when cancelled.
+    stream: Mutex<Option<MigrationStream>>,
+}
+
+impl ReceiveControl {
+    fn set_phase(&self, phase: ReceivePhase) {
+        self.phase.store(phase as u8, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), MigrationError> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+/// A migration being received on the `migration-recv` thread.
+pub struct IncomingMigration {
+    control: Arc<ReceiveControl>,
+    thread: Option<JoinHandle<()>>,
+    url: String,
+}
+
+impl IncomingMigration {
+    /// The URL it listens on.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Where it is.
+    pub fn phase(&self) -> ReceivePhase {
+        match self.control.phase.load(Ordering::SeqCst) {
+            0 => ReceivePhase::Listening,
+            1 => ReceivePhase::Receiving,
+            _ => ReceivePhase::Restoring,
+        }
+    }
+
+    /// Stops the receiving thread (it stops waiting or reading, drops what it built and reports
+    /// [`MigrationError::Cancelled`]) and waits a few seconds for it to end.
+    pub fn cancel(&mut self) {
+        self.control.cancelled.store(true, Ordering::SeqCst);
+        if let Some(stream) = lock(&self.control.stream).as_ref() {
+            let _ = stream.shutdown();
+        }
+        let deadline = Instant::now() + CANCEL_WAIT;
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            if Instant::now() >= deadline {
+                log::warn!("the migration-recv thread did not end; leaving it");
+                return;
             }
-            Err(MigrationError::Abandoned) => {
-                let _ = Response::Ok.write_to(&mut stream);
-                return Err(MigrationError::Abandoned);
-            }
-            Err(e) => {
-                let message = crate::api::error_chain(&e);
-                log::error!("incoming migration failed: {message}");
-                // The connection is closed after this; the source may not be listening.
-                let _ = Response::error(e.reason(), &message).write_to(&mut stream);
-                return Err(e);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.join();
+    }
+
+    /// Waits for the thread (after it has reported its outcome).
+    pub fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the migration-recv thread panicked");
             }
         }
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the receiving thread needs to build the VM.
+pub struct ReceiveContext {
+    /// The hypervisor to create the VM on.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// Where the VM's vCPUs report the end of the guest.
+    pub exit_sink: ExitSink,
+    /// Filters for the receiving thread and the VM's threads.
+    pub seccomp: SeccompMode,
+}
+
+/// Listens on `data.receiver_url` (binding here, so a bad or busy address is reported at once)
+/// and receives one migration on a new `migration-recv` thread, which calls `done` with the
+/// running VM (its threads under seccomp filters as `context.seccomp` says) or the error.
+pub fn start_receiving(
+    data: &ReceiveMigrationData,
+    context: ReceiveContext,
+    done: impl FnOnce(Result<Vm, MigrationError>) + Send + 'static,
+) -> Result<IncomingMigration, MigrationError> {
+    let url: MigrationUrl = data.receiver_url.parse().map_err(MigrationError::Url)?;
+    let listener = MigrationListener::bind(&url).map_err(MigrationError::Transport)?;
+    let control = Arc::new(ReceiveControl::default());
+    let shared = control.clone();
+    let thread = std::thread::Builder::new()
+        .name("migration-recv".into())
+        .spawn(move || {
+            let result = seccomp::apply(ThreadKind::MigrationReceive, context.seccomp)
+                .map_err(MigrationError::Seccomp)
+                .and_then(|()| receive_migration(listener, &context, &shared));
+            if let Err(e) = &result {
+                log::error!("incoming migration failed: {}", crate::api::error_chain(e));
+            }
+            done(result);
+        })
+        .map_err(MigrationError::Spawn)?;
+    Ok(IncomingMigration {
+        control,
+        thread: Some(thread),
+        url: url.to_string(),
+    })
+}
+
+/// Waits until the listener has a connection, or the migration is cancelled.
+fn wait_for_source(
+    listener: &MigrationListener,
+    control: &ReceiveControl,
+) -> Result<(), MigrationError> {
+    loop {
+        control.check()?;
+        let mut pfd = libc::pollfd {
+            fd: listener.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let timeout_ms = CANCEL_POLL.as_millis() as libc::c_int;
+        // SAFETY: `pfd` is one initialized pollfd that lives across the call, the count is 1,
+        // and the listener (and so its descriptor) outlives the call.
+        let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if ret > 0 {
+            return Ok(());
+        }
+        if ret < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(MigrationError::Transport(
+                    vm_migration::TransportError::Accept(err),
+                ));
+            }
+        }
+    }
+}
+
+/// A second handle on the connection (for [`IncomingMigration::cancel`]).
+fn clone_stream(stream: &MigrationStream) -> Option<MigrationStream> {
+    match stream {
+        MigrationStream::Unix(s) => s.try_clone().ok().map(MigrationStream::Unix),
+        MigrationStream::Tcp(s) => s.try_clone().ok().map(MigrationStream::Tcp),
+    }
+}
+
+struct Receiver<'c> {
+    context: &'c ReceiveContext,
+    control: &'c ReceiveControl,
+    config: Option<VmConfig>,
+    vm: Option<Vm>,
+    ram: Option<RamRegions>,
+}
+
+/// Waits for one migration on `listener` and returns the running VM.
+fn receive_migration(
+    listener: MigrationListener,
+    context: &ReceiveContext,
+    control: &ReceiveControl,
+) -> Result<Vm, MigrationError> {
+    wait_for_source(&listener, control)?;
+    let mut stream = listener
+        .accept_one(Some(CANCEL_POLL), Some(IO_TIMEOUT))
+        .map_err(MigrationError::Transport)?;
+    *lock(&control.stream) = clone_stream(&stream);
+    // A cancel between the accept and the line above found no stream to shut down.
+    control.check()?;
+    control.set_phase(ReceivePhase::Receiving);
+    let mut receiver = Receiver {
+        context,
+        control,
+        config: None,
+        vm: None,
+        ram: None,
+    };
+    let result = receiver.serve(&mut stream);
+    *lock(&control.stream) = None;
+    result
+}
+
 impl Receiver<'_> {
+    /// Answers the source's requests until Complete (the running VM) or an error.
+    fn serve(&mut self, stream: &mut MigrationStream) -> Result<Vm, MigrationError> {
+        loop {
+            let outcome = RequestHeader::read_from(&mut *stream)
+                .map_err(MigrationError::Protocol)
+                .and_then(|header| {
+                    self.control.check()?;
+                    self.handle(&header, stream)
+                });
+            let outcome = outcome.and_then(|next| self.control.check().map(|()| next));
+            match outcome {
+                Ok(next) => {
+                    Response::Ok
+                        .write_to(&mut *stream)
+                        .map_err(MigrationError::Protocol)?;
+                    if let Next::Done = next {
+                        // The source may already be gone: the guest runs here now either way.
+                        return self.vm.take().ok_or(MigrationError::Unexpected("Complete"));
+                    }
+                }
+                Err(MigrationError::Abandoned) => {
+                    let _ = Response::Ok.write_to(&mut *stream);
+                    return Err(MigrationError::Abandoned);
+                }
+                Err(e) => {
+                    // A read or write woken by cancel() fails: say why rather than how.
+                    let e = match self.control.check() {
+                        Err(cancelled) => cancelled,
+                        Ok(()) => e,
+                    };
+                    let message = crate::api::error_chain(&e);
+                    // The connection is closed after this; the source may not be listening.
+                    let _ = Response::error(e.reason(), &message).write_to(&mut *stream);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     fn handle(
         &mut self,
         header: &RequestHeader,
@@ -136,6 +347,7 @@ impl Receiver<'_> {
                 Ok(Next::Continue)
             }
             Command::State => {
+                self.control.set_phase(ReceivePhase::Restoring);
                 let payload =
                     protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
                 let snapshot: VmSnapshot = serde_json::from_slice(&payload)
@@ -183,9 +395,9 @@ impl Receiver<'_> {
             Some(mem) => Vm::with_memory(
                 config,
                 mem,
-                self.hypervisor,
-                self.exit_sink.clone(),
-                self.seccomp,
+                self.context.hypervisor.as_ref(),
+                self.context.exit_sink.clone(),
+                self.context.seccomp,
             ),
             None => {
                 // Fill RAM with 4 KiB pages: huge page faults stall on compaction whenever host
@@ -200,9 +412,9 @@ impl Receiver<'_> {
                 Vm::with_memory(
                     config,
                     mem,
-                    self.hypervisor,
-                    self.exit_sink.clone(),
-                    self.seccomp,
+                    self.context.hypervisor.as_ref(),
+                    self.context.exit_sink.clone(),
+                    self.context.seccomp,
                 )
             }
         }

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use vm_migration::protocol::{self, Command};
 use vm_migration::report::duration_ms;
 use vm_migration::{
-    send_memory, CountingStream, DirtyLoggingStarted, DirtyRound, HintMode, HintRound, HintsReport,
+    send_memory, CountingStream, DirtyLoggingStarted, DirtyRound, HintRound, HintsReport,
     MemoryRange, MemoryRangeTable, MigrationReport, MigrationStream, MigrationUrl, RamRegions,
     Response, ZeroPageFilter,
 };
 
-use super::hints::FreePageHinter;
+use super::hints::{FreePageHinter, HintWait, HintsUnavailable, MonotonicClock, RoundEnd};
 use super::MigrationError;
 use crate::config::SendMigrationData;
 use crate::memory::GuestMemoryMmap;
@@ -105,6 +105,7 @@ impl Sender<'_, '_> {
         self.report.phases.setup_ms = duration_ms(start.elapsed());
 
         if data.local {
+            self.report.hints = HintsReport::unused(HintsUnavailable::LocalMode.to_string());
             self.send_memory_files(&memory)?;
             self.pause()?;
         } else {
@@ -172,13 +173,18 @@ impl Sender<'_, '_> {
         self.report.phases.dirty_log_start_ms = duration_ms(phase.elapsed());
         // 2. Only then ask for hints, and apply them to round 0 (all of RAM).
         let mut round0 = HintRound::new(&ram, DirtyLoggingStarted::confirm());
-        self.report.hints = match self.hinter.filter(|_| data.free_page_hints) {
-            Some(hinter) if hinter.mode() != HintMode::None => self.collect_hints(
+        let hinter = match self.hinter {
+            _ if !data.free_page_hints => Err(HintsUnavailable::DisabledByRequest),
+            None => Err(HintsUnavailable::NoBalloon),
+            Some(h) => Ok(h),
+        };
+        self.report.hints = match hinter {
+            Ok(hinter) => self.collect_hints(
                 hinter,
                 &mut round0,
-                Duration::from_millis(data.hint_wait_ms),
+                HintWait::new(Duration::from_millis(data.hint_wait_ms)),
             ),
-            _ => HintsReport::default(),
+            Err(why) => HintsReport::unused(why.to_string()),
         };
         self.report.phases.hints_ms = self.report.hints.wait_ms;
         let phase = Instant::now();
@@ -224,19 +230,20 @@ impl Sender<'_, '_> {
         Ok(())
     }
 
-    /// Asks the guest for hints and applies them to round 0, waiting at most `wait` for STOP.
+    /// Asks the guest for hints and applies them to round 0 as they arrive, for as long as
+    /// `wait` says; the report says why hints were not (all) used.
     fn collect_hints(
         &mut self,
         hinter: &dyn FreePageHinter,
         round0: &mut HintRound,
-        wait: Duration,
+        wait: HintWait,
     ) -> HintsReport {
-        let asked = Instant::now();
+        let clock = MonotonicClock::new();
         let mut session = match hinter.start_round() {
             Ok(s) => s,
-            Err(e) => {
-                log::warn!("no free page hints this time: {e}");
-                return HintsReport::default();
+            Err(why) => {
+                log::info!("no free page hints this time: {why}");
+                return HintsReport::unused(why.to_string());
             }
         };
         self.hints_held = true;
@@ -244,28 +251,29 @@ impl Sender<'_, '_> {
         if let Err(e) = round0.request(cmd_id) {
             log::warn!("free page hint round refused: {e}");
             hinter.stop_round();
-            return HintsReport::default();
+            return HintsReport::unused(format!("round refused: {e}"));
         }
-        let deadline = asked + wait;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let stopped = session.wait_stopped(left.min(Duration::from_millis(2)));
-            for (gpa, len) in session.take_ranges() {
+        let outcome = wait.run(session.as_mut(), &clock, |hints| {
+            for (gpa, len) in hints {
                 round0.apply(cmd_id, MemoryRange::new(gpa, len));
             }
-            if stopped {
-                round0.stop(cmd_id);
-                break;
-            }
-            if left.is_zero() {
-                log::info!(
-                    "the guest did not finish hinting within {wait:?}; going on without the rest"
-                );
-                hinter.stop_round();
-                break;
-            }
+        });
+        if outcome.end == RoundEnd::Stopped {
+            round0.stop(cmd_id);
         }
-        HintsReport::from_stats(hinter.mode(), &round0.stats(), asked.elapsed())
+        if outcome.needs_stop() {
+            // What arrived so far is used; the driver is told to stop sending more.
+            hinter.stop_round();
+        }
+        let stats = round0.stats();
+        let mut report = HintsReport::from_stats(hinter.mode(), &stats, outcome.waited);
+        report.reason = outcome.reason(stats.pages_hinted).or_else(|| {
+            (stats.rejected > 0).then(|| format!("{} hints rejected as invalid", stats.rejected))
+        });
+        if let Some(why) = &report.reason {
+            log::info!("free page hints: {why}");
+        }
+        report
     }
 
     /// One dirty-log sync of KVM's log and the VMM's own writes.
