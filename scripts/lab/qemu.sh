@@ -7,7 +7,7 @@ QEMU=/lab/bin/qemu-system-x86_64
 # refuses free-page-hint without an iothread); the serial console appends to the shared file.
 qemu_start() {
     name=$1; shift
-    "$QEMU" -enable-kvm -cpu host -M microvm,pcie=on -m 1G -smp 1 -nodefaults -no-user-config \
+    "$QEMU" -L /usr/share/qemu -enable-kvm -cpu host -M microvm,pcie=on -m 1G -smp 1 -nodefaults -no-user-config \
         -display none -chardev "file,id=ser,path=$W/serial.log,append=on" -serial chardev:ser \
         -kernel "$KERNEL_BZ" -initrd "$INITRD" -append "$GUEST_BASE $WORKLOAD" \
         -object iothread,id=io1 -device virtio-balloon-pci,free-page-hint=on,iothread=io1,disable-legacy=on \

@@ -95,7 +95,7 @@ fragmented() { # lab_balloon value
     free=$(grep '^guest: meminfo' "$W/serial.log" | tail -n 1 | sed 's/.*free_kib=\([0-9]*\).*/\1/')
     migrate a b "" || return 1
     skipped=$(json_field "$REPORT" pages_skipped)
-    pct=$(awk -v s="$skipped" -v f="$free" 'BEGIN {printf "%.1f\n", f > 0 ? 100 * s / (f / 4) : 0}')
+    pct=$(awk -v s="$skipped" -v f="$free" 'BEGIN {printf "%.1f\n", (f > 0 ? 100 * s / (f / 4) : 0)}')
     DETAIL="skipped $pct% of the guest's free pages; $(migration_summary)"
     EXTRA="$MIGRATION_JSON,\"free_pages\":$((free / 4)),\"skipped_pct\":$pct"
 }
