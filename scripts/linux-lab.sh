@@ -23,7 +23,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-ALL=(boot-pvh boot-bzimage balloon migrate-stock migrate-off migrate-noballoon migrate-hot-2cpu
+ALL=(boot-pvh boot-bzimage balloon migrate-stock migrate-off migrate-noballoon migrate-hot-2cpu migrate-twice
     init-on-alloc-0 init-on-alloc-1 stock-fragmented ranges-fragmented qemu-stock)
 # Scenarios measured several times (--runs): the side-by-side numbers.
 REPEATED=" migrate-stock migrate-off qemu-stock "
