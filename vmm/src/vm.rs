@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hypervisor::{Hypervisor, Vm as HypervisorVm};
+use hypervisor::{Capability, Hypervisor, Vm as HypervisorVm};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_devices::{BalloonState, VirtioPciState};
@@ -160,11 +160,14 @@ impl Vm {
         .map_err(VmError::Devices)?;
 
         let supported = hypervisor.supported_cpuid().map_err(VmError::Create)?;
+        let features = boot::cpuid::CpuidFeatures {
+            tsc_deadline_timer: hypervisor.check_capability(Capability::TscDeadlineTimer),
+        };
         let count = config.cpus.boot_vcpus;
         let mut vcpus = Vec::new();
         for id in 0..count {
             let vcpu = vm.create_vcpu(id).map_err(VmError::Hypervisor)?;
-            vcpu.set_cpuid(&boot::cpuid::for_vcpu(&supported, id, count))
+            vcpu.set_cpuid(&boot::cpuid::for_vcpu(&supported, id, count, features))
                 .map_err(|e| VmError::VcpuSetup(id, e))?;
             vcpu.setup_lint().map_err(|e| VmError::VcpuSetup(id, e))?;
             vcpus.push(vcpu);
