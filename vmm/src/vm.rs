@@ -217,12 +217,12 @@ impl Vm {
         if self.state != VmState::Created {
             return Err(VmError::InvalidState(self.state));
         }
-        let entry = boot::load_payload(
-            &self.memory,
-            &self.config.payload,
-            self.config.cpus.boot_vcpus,
-        )
-        .map_err(VmError::Boot)?;
+        let platform = boot::Platform {
+            vcpus: self.config.cpus.boot_vcpus,
+            com1: self.devices.has_com1(),
+        };
+        let entry = boot::load_payload(&self.memory, &self.config.payload, platform)
+            .map_err(VmError::Boot)?;
         self.vcpus
             .with_vcpu(0, |bsp| regs::setup_boot_vcpu(bsp, &self.memory, entry))
             .ok_or(VmError::InvalidState(self.state))?

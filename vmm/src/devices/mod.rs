@@ -57,11 +57,16 @@ pub struct DeviceManager {
     pub pci: Arc<PciSegment>,
     /// The virtio-balloon, if configured.
     pub balloon: Option<BalloonDevice>,
-    _serial_irq: Option<EventFd>,
+    serial_irq: Option<EventFd>,
     _stdin: Option<console_input::StdinForwarder>,
 }
 
 impl DeviceManager {
+    /// Whether the VM has a serial port at COM1.
+    pub fn has_com1(&self) -> bool {
+        self.serial_irq.is_some()
+    }
+
     /// Creates the legacy devices and the serial port as `config` asks. `on_reset` is called when
     /// the guest pulses the i8042 reset line. The balloon's worker runs under a seccomp filter as
     /// `seccomp` says.
@@ -136,7 +141,7 @@ impl DeviceManager {
             mmio,
             pci,
             balloon,
-            _serial_irq: serial_irq,
+            serial_irq,
             _stdin: stdin,
         })
     }
