@@ -146,14 +146,15 @@ impl Vm {
         memory::register_slots(vm.as_ref(), &memory, false).map_err(VmError::Memory)?;
         vm.create_irqchip().map_err(VmError::Hypervisor)?;
         let interrupts = Arc::new(InterruptManager::new(vm.clone()).map_err(VmError::Hypervisor)?);
-        let reset_sink = exit_sink.clone();
+        let event_sink = exit_sink.clone();
         let devices = DeviceManager::new(
             &vm,
             &interrupts,
             &memory,
             &config,
-            Box::new(move |e| match e {
-                LegacyEvent::Reset => reset_sink(VcpuExitEvent::Reset),
+            Arc::new(move |e| match e {
+                LegacyEvent::Reset => event_sink(VcpuExitEvent::Reset),
+                LegacyEvent::PowerOff => event_sink(VcpuExitEvent::Shutdown),
             }),
             seccomp,
         )
