@@ -9,6 +9,7 @@ const LEAF_FEATURES: u32 = 1;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_EXT_ADDRESS_SIZES: u32 = 0x8000_0008;
+const LEAF_EXT_APIC_ID: u32 = 0x8000_001e;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
@@ -31,65 +32,77 @@ fn apic_id_bits(count: u8) -> u32 {
     }
 }
 
+/// Sub-leaf `index` of an extended topology leaf (0xb or 0x1f) for vCPU `id` of `count`:
+/// level 0 is SMT (one thread per core), level 1 the cores of the one package, and level 2
+/// ends the list.
+fn topology_subleaf(template: &CpuIdEntry, index: u32, id: u8, count: u8) -> CpuIdEntry {
+    const LEVEL_SMT: u32 = 1;
+    const LEVEL_CORE: u32 = 2;
+    let (eax, ebx, ecx) = match index {
+        0 => (0, 1, LEVEL_SMT << 8),
+        1 => (apic_id_bits(count), u32::from(count), (LEVEL_CORE << 8) | 1),
+        _ => (0, 0, index),
+    };
+    CpuIdEntry {
+        function: template.function,
+        index,
+        flags: template.flags,
+        eax,
+        ebx,
+        ecx,
+        edx: u32::from(id),
+    }
+}
+
 /// Patches `supported` for vCPU `id` of `count`: APIC ids (leaf 1 EBX[31:24], leaves 0xb/0x1f
-/// EDX), the logical processor and core counts (leaves 1, 0xb/0x1f and 0x8000_0008), the
-/// hypervisor-present bit, and TSC-deadline when `features` says the host has it.
+/// EDX, leaf 0x8000_001e EAX), the logical processor and core counts (leaves 1, 0xb/0x1f,
+/// 0x8000_0008 and 0x8000_001e), the hypervisor-present bit, and TSC-deadline when `features`
+/// says the host has it. KVM may list only the first sub-leaf of 0xb/0x1f; all three levels
+/// are written here.
 pub fn for_vcpu(
     supported: &[CpuIdEntry],
     id: u8,
     count: u8,
     features: CpuidFeatures,
 ) -> Vec<CpuIdEntry> {
-    supported
-        .iter()
-        .map(|e| {
-            let mut e = *e;
-            match e.function {
-                LEAF_FEATURES => {
-                    e.ebx =
-                        (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
-                    e.ecx |= ECX_HYPERVISOR;
-                    if features.tsc_deadline_timer {
-                        e.ecx |= ECX_TSC_DEADLINE;
-                    }
-                    // HTT: more than one logical processor in the package.
-                    if count > 1 {
-                        e.edx |= EDX_HTT;
-                    } else {
-                        e.edx &= !EDX_HTT;
-                    }
+    let mut out = Vec::with_capacity(supported.len() + 4);
+    for e in supported {
+        let mut e = *e;
+        match e.function {
+            LEAF_FEATURES => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
+                e.ecx |= ECX_HYPERVISOR;
+                if features.tsc_deadline_timer {
+                    e.ecx |= ECX_TSC_DEADLINE;
                 }
-                LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
-                    e.edx = u32::from(id);
-                    // Level 0: SMT, one thread per core; level 1: cores, `count` of them.
-                    match e.index {
-                        0 => {
-                            e.eax = 0;
-                            e.ebx = 1;
-                            e.ecx = 1 << 8;
-                        }
-                        1 => {
-                            e.eax = apic_id_bits(count);
-                            e.ebx = u32::from(count);
-                            e.ecx = (2 << 8) | 1;
-                        }
-                        _ => {
-                            e.eax = 0;
-                            e.ebx = 0;
-                            e.ecx = e.index;
-                        }
-                    }
+                // HTT: more than one logical processor in the package.
+                if count > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
                 }
-                LEAF_EXT_ADDRESS_SIZES => {
-                    let cores = u32::from(count.max(1));
-                    e.ecx =
-                        (e.ecx & !ECX_CORE_COUNT_MASK) | (cores - 1) | (apic_id_bits(count) << 12);
-                }
-                _ => {}
             }
-            e
-        })
-        .collect()
+            LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
+                if e.index == 0 {
+                    out.extend((0..3).map(|index| topology_subleaf(&e, index, id, count)));
+                }
+                continue;
+            }
+            LEAF_EXT_ADDRESS_SIZES => {
+                let cores = u32::from(count.max(1));
+                e.ecx = (e.ecx & !ECX_CORE_COUNT_MASK) | (cores - 1) | (apic_id_bits(count) << 12);
+            }
+            LEAF_EXT_APIC_ID => {
+                // Extended APIC id; core id with one thread per core; node 0 of one node.
+                e.eax = u32::from(id);
+                e.ebx = u32::from(id);
+                e.ecx = 0;
+            }
+            _ => {}
+        }
+        out.push(e);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -105,14 +118,16 @@ mod tests {
                 edx: EDX_HTT,
                 ..Default::default()
             },
+            // KVM lists only sub-leaf 0 of leaf 0xb, all zero.
             CpuIdEntry {
                 function: 0xb,
                 index: 0,
+                flags: 1,
                 ..Default::default()
             },
             CpuIdEntry {
-                function: 0xb,
-                index: 1,
+                function: LEAF_EXT_APIC_ID,
+                ebx: 0x0100,
                 ..Default::default()
             },
             CpuIdEntry {
@@ -139,9 +154,24 @@ mod tests {
         assert_eq!(l1.ebx & 0xffff, 0x0800);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
-        assert_eq!(leaf(&t, 0xb, 0).edx, 3);
-        assert_eq!(leaf(&t, 0xb, 1).ebx, 4);
-        assert_eq!(leaf(&t, 0xb, 1).eax, 2, "two APIC id bits number 4 cores");
+        let smt = leaf(&t, 0xb, 0);
+        assert_eq!(
+            (smt.eax, smt.ebx, smt.ecx >> 8, smt.edx),
+            (0, 1, 1, 3),
+            "SMT level"
+        );
+        let core = leaf(&t, 0xb, 1);
+        assert_eq!((core.ebx, core.ecx >> 8, core.edx), (4, 2, 3), "core level");
+        assert_eq!(core.eax, 2, "two APIC id bits number 4 cores");
+        let end = leaf(&t, 0xb, 2);
+        assert_eq!((end.ebx, end.ecx), (0, 2), "level type 0 ends the list");
+        assert!(t.iter().filter(|e| e.function == 0xb).all(|e| e.flags == 1));
+        let ext = leaf(&t, LEAF_EXT_APIC_ID, 0);
+        assert_eq!(
+            (ext.eax, ext.ebx, ext.ecx),
+            (3, 3, 0),
+            "APIC id, core id, one node"
+        );
         let ext = leaf(&t, LEAF_EXT_ADDRESS_SIZES, 0);
         assert_eq!(ext.ecx & 0xff, 3, "NC = cores - 1");
         assert_eq!((ext.ecx >> 12) & 0xf, 2, "ApicIdSize");
