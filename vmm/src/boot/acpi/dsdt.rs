@@ -34,19 +34,27 @@ pub struct DsdtConfig {
     pub com1: bool,
 }
 
+/// The BAR window the VMM's allocator hands out, and the conf1 ports: all fit the 32-bit
+/// and 16-bit descriptors that describe them.
+const MMIO_WINDOW_START: u32 = virtio_devices::MMIO32_WINDOW_START as u32;
+const MMIO_WINDOW_END: u32 =
+    (virtio_devices::MMIO32_WINDOW_START + virtio_devices::MMIO32_WINDOW_SIZE - 1) as u32;
+const _: () =
+    assert!(virtio_devices::MMIO32_WINDOW_START + virtio_devices::MMIO32_WINDOW_SIZE <= 1 << 32);
+const CONF1_LEN: u8 = virtio_devices::PCI_CONFIG_IO_PORT_SIZE as u8;
+const _: () = assert!(virtio_devices::PCI_CONFIG_IO_PORT_SIZE <= 0xff);
+/// COM1's ports and ISA interrupt, as the serial device is wired.
+const COM1_PORT: u16 = COM1_BASE as u16;
+const COM1_PORTS: u8 = COM1_LEN as u8;
+const COM1_ISA_IRQ: u8 = COM1_IRQ as u8;
+const _: () = assert!(COM1_BASE + COM1_LEN <= 0x1_0000 && COM1_LEN <= 0xff && COM1_IRQ < 16);
+
 fn pci_host_bridge() -> Result<Vec<u8>, AmlError> {
-    let conf1_len = u8::try_from(virtio_devices::PCI_CONFIG_IO_PORT_SIZE)
-        .map_err(|_| AmlError::TooLong(usize::from(virtio_devices::PCI_CONFIG_IO_PORT_SIZE)))?;
-    let mmio_start = virtio_devices::MMIO32_WINDOW_START;
-    let mmio_end = mmio_start + virtio_devices::MMIO32_WINDOW_SIZE - 1;
     let crs = resource::template(&[
         resource::word_bus_number(PCI_BUS, PCI_BUS),
-        resource::io_port(virtio_devices::PCI_CONFIG_IO_PORT, conf1_len),
+        resource::io_port(virtio_devices::PCI_CONFIG_IO_PORT, CONF1_LEN),
         resource::word_io(PCI_IO_WINDOW_START, PCI_IO_WINDOW_END),
-        resource::dword_memory(
-            u32::try_from(mmio_start).map_err(|_| AmlError::TooLong(0))?,
-            u32::try_from(mmio_end).map_err(|_| AmlError::TooLong(0))?,
-        ),
+        resource::dword_memory(MMIO_WINDOW_START, MMIO_WINDOW_END),
     ])?;
     let mut routes = Vec::new();
     // Slot 0 is the host bridge, which has no interrupt.
@@ -73,10 +81,9 @@ fn pci_host_bridge() -> Result<Vec<u8>, AmlError> {
 }
 
 fn com1() -> Result<Vec<u8>, AmlError> {
-    let irq = u8::try_from(COM1_IRQ).map_err(|_| AmlError::InvalidIrq(u8::MAX))?;
     let crs = resource::template(&[
-        resource::io_port(COM1_BASE as u16, COM1_LEN as u8),
-        resource::irq_no_flags(irq)?,
+        resource::io_port(COM1_PORT, COM1_PORTS),
+        resource::irq_no_flags(COM1_ISA_IRQ)?,
     ])?;
     aml::device(
         "COM1",
@@ -161,6 +168,25 @@ mod tests {
         assert!(find(&t, &aml::eisa_id("PNP0501").unwrap()).is_some());
         let without = build(DsdtConfig { com1: false }).unwrap();
         assert!(find(&without, b"COM1").is_none());
+    }
+
+    #[test]
+    fn windows_match_the_address_map() {
+        use crate::layout::{PCI_MMIO_SIZE, PCI_MMIO_START};
+        assert_eq!(u64::from(MMIO_WINDOW_START), PCI_MMIO_START);
+        assert_eq!(
+            u64::from(MMIO_WINDOW_END) + 1,
+            PCI_MMIO_START + PCI_MMIO_SIZE
+        );
+        // The PCI I/O window leaves every fixed port of the platform alone.
+        for port in [
+            virtio_devices::PCI_CONFIG_IO_PORT,
+            COM1_PORT,
+            crate::layout::ACPI_SLEEP_CONTROL_PORT,
+            crate::layout::ACPI_RESET_PORT,
+        ] {
+            assert!(port < PCI_IO_WINDOW_START, "{port:#x}");
+        }
     }
 
     #[test]
