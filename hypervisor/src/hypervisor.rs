@@ -30,6 +30,14 @@ pub enum HypervisorError {
     MsrList(#[source] std::io::Error),
 }
 
+/// An optional hypervisor feature the VMM may use when the host has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capability {
+    /// The in-kernel local APIC implements the TSC-deadline timer mode, so the guest may be
+    /// offered CPUID.1:ECX.TSC_DEADLINE (KVM's supported CPUID never sets that bit itself).
+    TscDeadlineTimer,
+}
+
 /// Result alias for [`HypervisorError`].
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
@@ -41,4 +49,6 @@ pub trait Hypervisor: Send + Sync {
     fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>>;
     /// The MSRs whose values make up a vCPU's saved state.
     fn msr_index_list(&self) -> Result<Vec<u32>>;
+    /// Whether the host offers the optional feature `cap`.
+    fn check_capability(&self, cap: Capability) -> bool;
 }

@@ -11,7 +11,7 @@ pub mod kvm;
 pub mod vm;
 
 pub use crate::cpu::{CpuError, CpuIdEntry, Vcpu, VcpuState, VmExit};
-pub use crate::hypervisor::{Hypervisor, HypervisorError};
+pub use crate::hypervisor::{Capability, Hypervisor, HypervisorError};
 pub use crate::kvm::KvmHypervisor;
 pub use crate::vm::{DataMatch, IoEventAddress, IrqRoute, UserMemoryRegion, Vm, VmError, VmState};
 

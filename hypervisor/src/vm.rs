@@ -183,7 +183,8 @@ pub trait Vm: Send + Sync {
         num_pages: u32,
         bitmap: &[u64],
     ) -> Result<()>;
-    /// Creates the in-kernel PIC, IOAPIC, local APICs and PIT.
+    /// Creates the in-kernel PIC (initialized and fully masked, as firmware leaves it), IOAPIC,
+    /// local APICs and PIT.
     fn create_irqchip(&self) -> Result<()>;
     /// Makes a write to `fd` raise `gsi`.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;

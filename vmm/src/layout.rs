@@ -4,7 +4,8 @@
 //! 0x0000_0000  real-mode area: GDT (0x500), boot page tables (0x9000..), hvm_start_info and memory
 //!              map (0x6000..), boot_params zero page (0x7000), kernel command line (0x20000)
 //! 0x0009_fc00  end of low RAM (reserved: EBDA)
-//! 0x000f_0000  MP table (reserved: BIOS area)
+//! 0x000e_0000  BIOS area (reserved): ACPI RSDP and tables
+//! 0x000f_0000  MP table
 //! 0x0010_0000  kernel image (PVH ELF or bzImage protected-mode part), then RAM
 //! low RAM end  = min(RAM size, 3 GiB)
 //! 0xc000_0000  32-bit PCI MMIO window (BARs), 512 MiB
@@ -12,6 +13,10 @@
 //! 0xfec0_0000  IOAPIC, 0xfee0_0000 local APIC
 //! 0x1_0000_0000 RAM above 4 GiB: the rest of guest RAM
 //! ```
+//!
+//! I/O ports of the platform (besides the legacy PC devices, COM1 and PCI conf1 at 0xCF8):
+//! 0x600-0x602 the ACPI sleep control, sleep status and reset registers; 0x1000-0xFFFF the
+//! PCI I/O window.
 
 /// Where the boot GDT goes.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -41,6 +46,12 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 /// End of conventional low memory (640 KiB less the EBDA's last KiB).
 pub const EBDA_START: u64 = 0x9fc00;
+/// Start of the BIOS area the memory map reserves (up to 1 MiB): ACPI tables and MP table.
+pub const BIOS_AREA_START: u64 = 0xe0000;
+/// The ACPI RSDP, followed by the other ACPI tables (guests scan 0xE0000-0xFFFFF for it).
+pub const ACPI_START: u64 = 0xe0000;
+/// Room for the ACPI tables: up to the MP table.
+pub const ACPI_SIZE: u64 = MPTABLE_START - ACPI_START;
 /// The MP table.
 pub const MPTABLE_START: u64 = 0xf0000;
 /// Start of the high memory where kernels load.
@@ -59,3 +70,13 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// Where RAM above the hole starts.
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+/// The ACPI sleep control register (hardware-reduced ACPI): SLP_TYP and SLP_EN.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// The ACPI sleep status register (WAK_STS).
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
+/// The ACPI reset register.
+pub const ACPI_RESET_PORT: u16 = 0x602;
+/// First port of the PCI I/O window (above every legacy port).
+pub const PCI_IO_WINDOW_START: u16 = 0x1000;
+/// Last port of the PCI I/O window.
+pub const PCI_IO_WINDOW_END: u16 = 0xffff;

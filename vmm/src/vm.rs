@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hypervisor::{Hypervisor, Vm as HypervisorVm};
+use hypervisor::{Capability, Hypervisor, Vm as HypervisorVm};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_devices::{BalloonState, VirtioPciState};
@@ -146,25 +146,29 @@ impl Vm {
         memory::register_slots(vm.as_ref(), &memory, false).map_err(VmError::Memory)?;
         vm.create_irqchip().map_err(VmError::Hypervisor)?;
         let interrupts = Arc::new(InterruptManager::new(vm.clone()).map_err(VmError::Hypervisor)?);
-        let reset_sink = exit_sink.clone();
+        let event_sink = exit_sink.clone();
         let devices = DeviceManager::new(
             &vm,
             &interrupts,
             &memory,
             &config,
-            Box::new(move |e| match e {
-                LegacyEvent::Reset => reset_sink(VcpuExitEvent::Reset),
+            Arc::new(move |e| match e {
+                LegacyEvent::Reset => event_sink(VcpuExitEvent::Reset),
+                LegacyEvent::PowerOff => event_sink(VcpuExitEvent::Shutdown),
             }),
             seccomp,
         )
         .map_err(VmError::Devices)?;
 
         let supported = hypervisor.supported_cpuid().map_err(VmError::Create)?;
+        let features = boot::cpuid::CpuidFeatures {
+            tsc_deadline_timer: hypervisor.check_capability(Capability::TscDeadlineTimer),
+        };
         let count = config.cpus.boot_vcpus;
         let mut vcpus = Vec::new();
         for id in 0..count {
             let vcpu = vm.create_vcpu(id).map_err(VmError::Hypervisor)?;
-            vcpu.set_cpuid(&boot::cpuid::for_vcpu(&supported, id, count))
+            vcpu.set_cpuid(&boot::cpuid::for_vcpu(&supported, id, count, features))
                 .map_err(|e| VmError::VcpuSetup(id, e))?;
             vcpu.setup_lint().map_err(|e| VmError::VcpuSetup(id, e))?;
             vcpus.push(vcpu);
@@ -214,12 +218,12 @@ impl Vm {
         if self.state != VmState::Created {
             return Err(VmError::InvalidState(self.state));
         }
-        let entry = boot::load_payload(
-            &self.memory,
-            &self.config.payload,
-            self.config.cpus.boot_vcpus,
-        )
-        .map_err(VmError::Boot)?;
+        let platform = boot::Platform {
+            vcpus: self.config.cpus.boot_vcpus,
+            com1: self.devices.has_com1(),
+        };
+        let entry = boot::load_payload(&self.memory, &self.config.payload, platform)
+            .map_err(VmError::Boot)?;
         self.vcpus
             .with_vcpu(0, |bsp| regs::setup_boot_vcpu(bsp, &self.memory, entry))
             .ok_or(VmError::InvalidState(self.state))?

@@ -12,7 +12,7 @@ use kvm_ioctls::{Cap, Kvm};
 pub use self::vcpu::KvmVcpu;
 pub use self::vm::KvmVm;
 use crate::cpu::CpuIdEntry;
-use crate::hypervisor::{Hypervisor, HypervisorError, Result};
+use crate::hypervisor::{Capability, Hypervisor, HypervisorError, Result};
 use crate::vm::Vm;
 
 /// MSRs that KVM lists but that must not be carried between VMs: the KVM paravirtual clock and
@@ -106,6 +106,12 @@ impl Hypervisor for KvmHypervisor {
             .copied()
             .filter(|m| !MSRS_NOT_MIGRATED.contains(m))
             .collect())
+    }
+
+    fn check_capability(&self, cap: Capability) -> bool {
+        match cap {
+            Capability::TscDeadlineTimer => self.kvm.check_extension(Cap::TscDeadlineTimer),
+        }
     }
 }
 

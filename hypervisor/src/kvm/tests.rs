@@ -108,6 +108,28 @@ fn next_count(vcpu: &mut dyn Vcpu) -> u8 {
 }
 
 #[test]
+fn legacy_pic_starts_initialized_and_masked() {
+    let mem = Mem::new();
+    let vm = vm_with(&mem, false);
+    let state = vm.state().unwrap();
+    for (chip, base) in [(&state.pic_master, 0x08), (&state.pic_slave, 0x70)] {
+        // SAFETY: the chip came from KVM_GET_IRQCHIP for a PIC, which fills `pic`.
+        let pic = unsafe { chip.chip.pic };
+        assert_eq!(pic.imr, 0xff, "every line masked");
+        assert_eq!(pic.irq_base, base, "vectors clear of CPU exceptions");
+    }
+    // An ISA line raised through the default routing still reaches the PIC, which holds it
+    // pending behind its mask instead of signalling the CPU.
+    vm.set_irq_line(4, true).unwrap();
+    vm.set_irq_line(4, false).unwrap();
+    let after = vm.state().unwrap();
+    // SAFETY: as above.
+    let master = unsafe { after.pic_master.chip.pic };
+    assert_eq!(master.irr & 0x10, 0x10, "IRQ 4 pending");
+    assert_eq!((master.imr, master.isr), (0xff, 0));
+}
+
+#[test]
 fn counter_guest_runs() {
     let mut mem = Mem::new();
     mem.bytes()[CODE as usize..CODE as usize + COUNTER.len()].copy_from_slice(&COUNTER);

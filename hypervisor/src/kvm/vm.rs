@@ -74,6 +74,30 @@ impl KvmVm {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Leaves the in-kernel 8259 PICs as PC firmware hands them over: initialized, vector bases
+    /// 0x08 and 0x70, every line masked. KVM creates them uninitialized (vector base 0, nothing
+    /// masked) and the boot vCPU's LINT0 accepts ExtINT, so an OS that never programs the PIC
+    /// (hardware-reduced ACPI Linux) would take an ISA interrupt routed to it (COM1's IRQ 4)
+    /// as CPU exception vector 4. An OS that uses the PIC programs it anyway.
+    fn init_legacy_pic(&self) -> std::io::Result<()> {
+        for (chip_id, irq_base) in [
+            (KVM_IRQCHIP_PIC_MASTER, 0x08),
+            (KVM_IRQCHIP_PIC_SLAVE, 0x70),
+        ] {
+            let mut chip = self.get_chip(chip_id)?;
+            // SAFETY: for a PIC chip id KVM_GET_IRQCHIP fills the union's `pic` member, a plain
+            // byte struct valid for any contents.
+            let mut pic = unsafe { chip.chip.pic };
+            pic.imr = 0xff;
+            pic.irq_base = irq_base;
+            pic.init4 = 1;
+            pic.init_state = 0;
+            chip.chip.pic = pic;
+            self.fd.set_irqchip(&chip).map_err(io)?;
+        }
+        Ok(())
+    }
+
     fn get_chip(&self, chip_id: u32) -> std::io::Result<kvm_irqchip> {
         let mut chip = kvm_irqchip {
             chip_id,
@@ -218,6 +242,8 @@ impl Vm for KvmVm {
         self.fd
             .create_irq_chip()
             .map_err(|e| VmError::CreateIrqchip(io(e)))?;
+        self.init_legacy_pic()
+            .map_err(|e| VmError::Setup("KVM_SET_IRQCHIP (8259 PIC)", e))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()

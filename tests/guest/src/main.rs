@@ -135,10 +135,17 @@ fn bsp_main(start_info: u64) -> ! {
     );
     println!("guest: ready used_pages={} free_pages={}", w.held_pages(), buddy.free_pages());
 
-    main_loop(&cfg, &w, &mut buddy, &mut dev)
+    let power_off = cfg.poweroff_after.and_then(|_| find_power_off(&bi));
+    main_loop(&cfg, &w, &mut buddy, &mut dev, power_off)
 }
 
-fn main_loop(cfg: &Config, w: &workload::Workload, buddy: &mut guest_core::buddy::Buddy, dev: &mut Option<balloon::Balloon>) -> ! {
+fn main_loop(
+    cfg: &Config,
+    w: &workload::Workload,
+    buddy: &mut guest_core::buddy::Buddy,
+    dev: &mut Option<balloon::Balloon>,
+    power_off: Option<guest_core::acpi::PowerOff>,
+) -> ! {
     let period = time::us_to_ticks(cfg.verify_ms * 1000);
     let mut next = kernel::rdtsc() + period;
     let mut seq = 0u64;
@@ -190,9 +197,31 @@ fn main_loop(cfg: &Config, w: &workload::Workload, buddy: &mut guest_core::buddy
             if seq == 3 {
                 selftest(cfg_selftest);
             }
+            if cfg.poweroff_after == Some(seq) {
+                match power_off {
+                    Some(p) => {
+                        println!("guest: poweroff port={:#x} value={:#x}", p.port, p.value);
+                        kernel::outb(p.port, p.value);
+                    }
+                    None => println!("guest: poweroff failed (no ACPI sleep control register or \\_S5)"),
+                }
+            }
         }
         kernel::pause();
     }
+}
+
+/// `poweroff=<seq>`: the FADT's sleep control register and the `\_S5` value, as an OS finds them.
+fn find_power_off(bi: &bootinfo::BootInfo) -> Option<guest_core::acpi::PowerOff> {
+    let read = |a: u64| -> Option<u8> {
+        if a < 0x10_0000 || bi.is_ram(a, a + 1) {
+            // SAFETY: the first MiB and all RAM are identity-mapped (as in smp::mp_cpus); read-only.
+            Some(unsafe { core::ptr::read_volatile(a as *const u8) })
+        } else {
+            None
+        }
+    };
+    guest_core::acpi::find_power_off(&read, bi.rsdp)
 }
 
 /// Comma-separated APIC ids for a serial line.

@@ -1,6 +1,6 @@
 //! The guest's physical memory map, as both boot protocols hand it over (e820 entries).
 
-use crate::layout::{EBDA_START, HIGH_RAM_START, MEM_32BIT_GAP_START, MPTABLE_START};
+use crate::layout::{BIOS_AREA_START, EBDA_START, HIGH_RAM_START, MEM_32BIT_GAP_START};
 
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;
@@ -20,7 +20,7 @@ pub struct E820Entry {
 
 /// The memory map for guest RAM made of `ram` (start, length) ranges, as laid out by
 /// [`crate::memory::ram_ranges`]: low RAM up to the EBDA, the BIOS area reserved (it holds the
-/// MP table), RAM from 1 MiB, then any RAM above 4 GiB.
+/// ACPI tables and the MP table), RAM from 1 MiB, then any RAM above 4 GiB.
 pub fn memory_map(ram: &[(u64, u64)]) -> Vec<E820Entry> {
     let mut map = Vec::new();
     for &(start, len) in ram {
@@ -32,8 +32,8 @@ pub fn memory_map(ram: &[(u64, u64)]) -> Vec<E820Entry> {
                 kind: E820_RAM,
             });
             map.push(E820Entry {
-                addr: MPTABLE_START,
-                size: HIGH_RAM_START - MPTABLE_START,
+                addr: BIOS_AREA_START,
+                size: HIGH_RAM_START - BIOS_AREA_START,
                 kind: E820_RESERVED,
             });
             if end > HIGH_RAM_START {
@@ -70,8 +70,8 @@ mod tests {
                     kind: E820_RAM
                 },
                 E820Entry {
-                    addr: MPTABLE_START,
-                    size: 0x10000,
+                    addr: BIOS_AREA_START,
+                    size: 0x20000,
                     kind: E820_RESERVED
                 },
                 E820Entry {
@@ -81,6 +81,44 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn acpi_and_mp_tables_are_reserved_and_clear_of_other_boot_data() {
+        use crate::boot::acpi::{build, AcpiConfig};
+        use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, MPTABLE_START, ZERO_PAGE_START};
+        let map = memory_map(&[(0, 512 << 20)]);
+        let acpi = build(AcpiConfig {
+            vcpus: 253,
+            com1: true,
+        })
+        .unwrap();
+        let mp_len = crate::boot::mptable::build(MPTABLE_START, 253)
+            .unwrap()
+            .len() as u64;
+        let mut spans: Vec<(u64, u64)> = acpi
+            .tables
+            .iter()
+            .map(|(a, b)| (*a, *a + b.len() as u64))
+            .collect();
+        spans.push((MPTABLE_START, MPTABLE_START + mp_len));
+        for (start, end) in spans {
+            assert!(
+                map.iter()
+                    .any(|e| e.kind == E820_RESERVED && e.addr <= start && end <= e.addr + e.size),
+                "{start:#x}..{end:#x} is not reserved"
+            );
+            assert!(
+                !map.iter()
+                    .any(|e| e.kind == E820_RAM && start < e.addr + e.size && e.addr < end),
+                "{start:#x}..{end:#x} overlaps RAM"
+            );
+            // Below the kernel, above the command line, zero page and boot page tables.
+            assert!(end <= HIGH_RAM_START);
+            assert!(start >= EBDA_START);
+            assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= start);
+            assert!(ZERO_PAGE_START + 0x1000 <= start);
+        }
     }
 
     #[test]

@@ -13,12 +13,13 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 
-/// Fills and writes the zero page; returns its address.
+/// Fills and writes the zero page (with the ACPI RSDP at `rsdp`); returns its address.
 pub fn write_zero_page(
     mem: &GuestMemoryMmap,
     header: setup_header,
     cmdline_size: u32,
     initramfs: Option<(u64, u64)>,
+    rsdp: GuestAddress,
 ) -> Result<GuestAddress, BootError> {
     let mut params = boot_params {
         hdr: header,
@@ -29,6 +30,7 @@ pub fn write_zero_page(
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_size;
+    params.acpi_rsdp_addr = rsdp.raw_value();
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
@@ -75,6 +77,7 @@ mod tests {
             setup_header::default(),
             42,
             Some((0x800_0000, 0x1000)),
+            GuestAddress(0xe_0000),
         )
         .unwrap();
         let p: boot_params = mem.read_obj(at).unwrap();
@@ -84,6 +87,10 @@ mod tests {
         assert_eq!({ p.hdr.cmdline_size }, 42);
         assert_eq!({ p.hdr.ramdisk_image }, 0x800_0000);
         assert_eq!(p.e820_entries, 3);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
+        // acpi_rsdp_addr sits at offset 0x70 of the zero page.
+        let rsdp: u64 = mem.read_obj(GuestAddress(ZERO_PAGE_START + 0x70)).unwrap();
+        assert_eq!(rsdp, 0xe_0000);
         assert_eq!({ p.e820_table[2].addr }, 0x10_0000);
         // The zero page's e820 table sits at offset 0x2d0 as the boot protocol says.
         let raw: u64 = mem

@@ -1,6 +1,7 @@
 //! Loading a kernel and handing over to it: PVH ELF images (Linux vmlinux, the test guest) and
 //! bzImages through the 64-bit Linux boot protocol.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod e820;
 mod linux;
@@ -52,6 +53,18 @@ pub enum BootError {
     /// Writing the MP table failed.
     #[error("cannot write the MP table")]
     Mptable(#[source] mptable::MptableError),
+    /// Writing the ACPI tables failed.
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[source] acpi::AcpiError),
+}
+
+/// The machine the boot tables describe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Platform {
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The VM has a serial port at COM1.
+    pub com1: bool,
 }
 
 /// How the boot vCPU enters the kernel.
@@ -74,11 +87,12 @@ pub enum EntryPoint {
 }
 
 /// Loads the payload into guest memory and writes everything the kernel reads at boot: the
-/// command line, the initramfs, the memory map (PVH start info or zero page) and the MP table.
+/// command line, the initramfs, the memory map and RSDP address (PVH start info or zero page),
+/// the MP table and the ACPI tables.
 pub fn load_payload(
     mem: &GuestMemoryMmap,
     payload: &PayloadConfig,
-    num_cpus: u8,
+    platform: Platform,
 ) -> Result<EntryPoint, BootError> {
     let kernel_path = payload.kernel.as_deref().ok_or(BootError::NoKernel)?;
     let mut kernel = File::open(kernel_path)
@@ -90,7 +104,15 @@ pub fn load_payload(
         .map_err(BootError::Write)?;
     let cmdline_size = cstr.as_bytes().len() as u32;
 
-    mptable::setup(mem, MPTABLE_START, num_cpus).map_err(BootError::Mptable)?;
+    mptable::setup(mem, MPTABLE_START, platform.vcpus).map_err(BootError::Mptable)?;
+    let rsdp = acpi::setup(
+        mem,
+        acpi::AcpiConfig {
+            vcpus: platform.vcpus,
+            com1: platform.com1,
+        },
+    )
+    .map_err(BootError::Acpi)?;
 
     let high = Some(GuestAddress(HIGH_RAM_START));
     match Elf::load(mem, None, &mut kernel, high) {
@@ -100,7 +122,7 @@ pub fn load_payload(
                 _ => return Err(BootError::NoPvhEntry),
             };
             let initramfs = load_initramfs(mem, payload.initramfs.as_deref(), result.kernel_end)?;
-            let start_info = pvh::write_start_info(mem, initramfs)?;
+            let start_info = pvh::write_start_info(mem, initramfs, rsdp)?;
             Ok(EntryPoint::Pvh { entry, start_info })
         }
         Err(linux_loader::loader::Error::Elf(
@@ -114,7 +136,7 @@ pub fn load_payload(
                 ),
             ))?;
             let initramfs = load_initramfs(mem, payload.initramfs.as_deref(), result.kernel_end)?;
-            let zero_page = linux::write_zero_page(mem, header, cmdline_size, initramfs)?;
+            let zero_page = linux::write_zero_page(mem, header, cmdline_size, initramfs, rsdp)?;
             Ok(EntryPoint::Linux64 {
                 entry: GuestAddress(result.kernel_load.0 + 0x200),
                 zero_page,
@@ -166,6 +188,11 @@ mod tests {
     use crate::memory::create_guest_memory;
     use std::io::Write;
 
+    const ONE_CPU: Platform = Platform {
+        vcpus: 1,
+        com1: true,
+    };
+
     fn mem() -> std::sync::Arc<GuestMemoryMmap> {
         create_guest_memory(&MemoryConfig {
             size: 128 << 20,
@@ -213,7 +240,7 @@ mod tests {
     fn garbage_kernel_is_refused() {
         let (_p, payload) = payload_from(&[0x55; 8192]);
         assert!(matches!(
-            load_payload(&mem(), &payload, 1),
+            load_payload(&mem(), &payload, ONE_CPU),
             Err(BootError::UnknownKernel(_))
         ));
     }
@@ -226,7 +253,7 @@ mod tests {
             initramfs: None,
         };
         assert!(matches!(
-            load_payload(&mem(), &payload, 1),
+            load_payload(&mem(), &payload, ONE_CPU),
             Err(BootError::OpenKernel(..))
         ));
     }
@@ -235,7 +262,7 @@ mod tests {
     fn cmdline_is_written_nul_terminated() {
         let m = mem();
         let (_p, payload) = payload_from(&[0x55; 8192]);
-        let _ = load_payload(&m, &payload, 1);
+        let _ = load_payload(&m, &payload, ONE_CPU);
         let mut buf = [0u8; 14];
         m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");

@@ -15,10 +15,12 @@ use crate::memory::GuestMemoryMmap;
 /// `hvm_start_info.magic`.
 pub const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 
-/// Writes `hvm_start_info`, the memory map and the module list; returns the start info address.
+/// Writes `hvm_start_info` (with the ACPI RSDP at `rsdp`), the memory map and the module list;
+/// returns the start info address.
 pub fn write_start_info(
     mem: &GuestMemoryMmap,
     initramfs: Option<(u64, u64)>,
+    rsdp: GuestAddress,
 ) -> Result<GuestAddress, BootError> {
     let ram: Vec<(u64, u64)> = mem
         .iter()
@@ -42,6 +44,7 @@ pub fn write_start_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: entries as u32,
+        rsdp_paddr: rsdp.raw_value(),
         ..Default::default()
     };
     if let Some((addr, size)) = initramfs {
@@ -75,7 +78,8 @@ mod tests {
             thp: false,
         })
         .unwrap();
-        let at = write_start_info(&mem, Some((0x200_0000, 0x1234))).unwrap();
+        let at =
+            write_start_info(&mem, Some((0x200_0000, 0x1234)), GuestAddress(0xe_0000)).unwrap();
         let rd32 = |off: u64| mem.read_obj::<u32>(at.unchecked_add(off)).unwrap();
         let rd64 = |off: u64| mem.read_obj::<u64>(at.unchecked_add(off)).unwrap();
         // Offsets from the PVH ABI (xen/include/public/arch-x86/hvm/start_info.h).
@@ -84,6 +88,7 @@ mod tests {
         assert_eq!(rd32(12), 1, "nr_modules");
         assert_eq!(rd64(16), PVH_MODLIST_START);
         assert_eq!(rd64(24), CMDLINE_START);
+        assert_eq!(rd64(32), 0xe_0000, "rsdp_paddr");
         assert_eq!(rd64(40), PVH_MEMMAP_START);
         assert_eq!(
             rd32(48),

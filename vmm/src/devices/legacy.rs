@@ -1,18 +1,25 @@
 //! The few legacy PC ports a kernel pokes at boot: the i8042 (for its reset line), the CMOS/RTC
 //! index and data ports, and the POST debug port.
 
+use std::sync::Arc;
+
 use super::bus::BusDevice;
 
-/// What a guest asked for through a legacy port.
+/// What a guest asked for through a platform port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LegacyEvent {
-    /// The i8042 "pulse reset line" command.
+    /// The i8042 "pulse reset line" command, or the ACPI reset register.
     Reset,
+    /// ACPI S5 (soft off) through the sleep control register.
+    PowerOff,
 }
+
+/// Where devices report [`LegacyEvent`]s; shared by every device that raises them.
+pub type LegacyEvents = Arc<dyn Fn(LegacyEvent) + Send + Sync>;
 
 /// i8042 at 0x60..0x64: status reads 0 (no data, input buffer empty); command 0xfe resets.
 pub struct I8042 {
-    events: Box<dyn Fn(LegacyEvent) + Send>,
+    events: LegacyEvents,
 }
 
 /// i8042 data port base.
@@ -24,7 +31,7 @@ const I8042_RESET_CMD: u8 = 0xfe;
 
 impl I8042 {
     /// An i8042 that reports resets on `events`.
-    pub fn new(events: Box<dyn Fn(LegacyEvent) + Send>) -> Self {
+    pub fn new(events: LegacyEvents) -> Self {
         I8042 { events }
     }
 }
@@ -98,7 +105,8 @@ mod tests {
     #[test]
     fn i8042_reset_command() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut dev = I8042::new(Box::new(move |e| tx.send(e).unwrap()));
+        let tx = std::sync::Mutex::new(tx);
+        let mut dev = I8042::new(Arc::new(move |e| tx.lock().unwrap().send(e).unwrap()));
         dev.write(0, &[0xfe]);
         assert!(
             rx.try_recv().is_err(),

@@ -1,6 +1,7 @@
 //! The VM's devices: legacy PC ports, the serial port, and the buses that route guest accesses
 //! to them.
 
+pub mod acpi_power;
 pub mod balloon;
 pub mod bus;
 pub mod console_input;
@@ -14,9 +15,10 @@ use hypervisor::Vm;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use self::acpi_power::{AcpiPowerRegisters, ACPI_POWER_BASE, ACPI_POWER_LEN};
 use self::balloon::BalloonDevice;
 use self::bus::{Bus, BusError};
-use self::legacy::{Cmos, LegacyEvent, Sink, I8042};
+use self::legacy::{Cmos, LegacyEvents, Sink, I8042};
 use self::pci::{PciSegment, PciSetupError};
 use self::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::config::VmConfig;
@@ -57,28 +59,39 @@ pub struct DeviceManager {
     pub pci: Arc<PciSegment>,
     /// The virtio-balloon, if configured.
     pub balloon: Option<BalloonDevice>,
-    _serial_irq: Option<EventFd>,
+    serial_irq: Option<EventFd>,
     _stdin: Option<console_input::StdinForwarder>,
 }
 
 impl DeviceManager {
-    /// Creates the legacy devices and the serial port as `config` asks. `on_reset` is called when
-    /// the guest pulses the i8042 reset line. The balloon's worker runs under a seccomp filter as
-    /// `seccomp` says.
+    /// Whether the VM has a serial port at COM1.
+    pub fn has_com1(&self) -> bool {
+        self.serial_irq.is_some()
+    }
+
+    /// Creates the legacy devices and the serial port as `config` asks. `on_event` is called when
+    /// the guest pulses the i8042 reset line or uses the ACPI power-off or reset register. The
+    /// balloon's worker runs under a seccomp filter as `seccomp` says.
     pub fn new(
         vm: &Arc<dyn Vm>,
         interrupts: &Arc<InterruptManager>,
         memory: &Arc<GuestMemoryMmap>,
         config: &VmConfig,
-        on_reset: Box<dyn Fn(LegacyEvent) + Send>,
+        on_event: LegacyEvents,
         seccomp: SeccompMode,
     ) -> Result<Self, DeviceError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         pio.insert(
-            Arc::new(Mutex::new(I8042::new(on_reset))),
+            Arc::new(Mutex::new(I8042::new(on_event.clone()))),
             legacy::I8042_BASE,
             legacy::I8042_LEN,
+        )
+        .map_err(DeviceError::Bus)?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPowerRegisters::new(on_event))),
+            ACPI_POWER_BASE,
+            ACPI_POWER_LEN,
         )
         .map_err(DeviceError::Bus)?;
         pio.insert(
@@ -136,7 +149,7 @@ impl DeviceManager {
             mmio,
             pci,
             balloon,
-            _serial_irq: serial_irq,
+            serial_irq,
             _stdin: stdin,
         })
     }

@@ -58,6 +58,8 @@ pub struct Config {
     pub verify_ms: u64,
     /// `selftest=fault|corrupt` (default none).
     pub selftest: SelfTest,
+    /// `poweroff=<seq>`: power off through ACPI after verification round `seq` (default never).
+    pub poweroff_after: Option<u64>,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             cpus: None,
             verify_ms: 500,
             selftest: SelfTest::None,
+            poweroff_after: None,
         }
     }
 }
@@ -134,6 +137,7 @@ impl Config {
                 }
                 .map(|t| c.selftest = t),
                 "verify_ms" => parse_num(val).map(|n| c.verify_ms = n.clamp(10, 1000)),
+                "poweroff" => parse_num(val).filter(|&n| n >= 1).map(|n| c.poweroff_after = Some(n)),
                 _ => Some(()),
             };
             if ok.is_none() {
@@ -169,6 +173,8 @@ mod tests {
         assert_eq!(c.cpus, Some(2));
         assert_eq!(Config::parse("pci_ecam=e0000000").pci_ecam, Some(0xe000_0000));
         assert_eq!(Config::parse("hint=none").hint, HintMode::None);
+        assert_eq!(Config::parse("poweroff=3").poweroff_after, Some(3));
+        assert_eq!(Config::parse("poweroff=0").poweroff_after, None);
     }
 
     #[test]

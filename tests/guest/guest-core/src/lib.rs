@@ -9,10 +9,12 @@
 //! * [`cmdline`]: the `key=value` command line parser,
 //! * [`pattern`]: the self-describing page pattern used to detect lost, stale or zero pages,
 //! * [`fmt`]: a tiny fixed-buffer formatter for serial lines,
-//! * [`mptable`]: the Intel MP Specification 1.4 table parser (CPUs without ACPI).
+//! * [`mptable`]: the Intel MP Specification 1.4 table parser (CPUs without ACPI),
+//! * [`acpi`]: ACPI power-off (FADT sleep control register and `\_S5`).
 #![cfg_attr(not(test), no_std)]
 #![warn(missing_docs)]
 
+pub mod acpi;
 pub mod buddy;
 pub mod cmdline;
 pub mod fmt;
