@@ -385,3 +385,40 @@ fn an_inflated_balloon_stays_inflated() {
     assert_eq!(c["balloon"]["target_pages"], 65536);
     check_moved(src, dst);
 }
+
+#[test]
+fn ranges_protocol_hints_any_fragmentation() {
+    // 3 GiB fragmented into 64 KiB holes: about 25,000 free ranges, many more than the range
+    // buffers the guest has, so the guest must reuse them as the device hands them back.
+    let (src, dst) = pair(
+        "mig-ranges-frag",
+        "4G",
+        "used=256 fragment=3072 hint=ranges",
+        &[BALLOON, HINTING],
+    );
+    let ready = src.wait_line("guest: ready", READY);
+    let free = field(&ready, "free_pages").unwrap();
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let started = Instant::now();
+    let (sent, _) = migrate(&src, &dst, &url, &url);
+    let elapsed = started.elapsed();
+    let r = report(&sent);
+    eprintln!("{free} free pages; migrated in {elapsed:?}; report: {r}");
+    let hint = src.wait_line("guest: hint_us=", Duration::from_secs(10));
+    eprintln!("guest: {hint}");
+    assert_eq!(
+        field(&hint, "dropped_ranges"),
+        Some(0),
+        "the guest hinted every free range: {hint}"
+    );
+    assert_eq!(r["hints"]["mode"], "ranges", "{r}");
+    assert_eq!(r["hints"]["rejected"], 0, "{r}");
+    let skipped = r["hints"]["pages_skipped"].as_u64().unwrap();
+    let hinted = r["hints"]["pages_hinted"].as_u64().unwrap();
+    assert!(hinted >= skipped, "{r}");
+    assert!(
+        skipped * 100 >= free * 95,
+        "skipped {skipped} of {free} free pages: {r}"
+    );
+    check_moved(src, dst);
+}
