@@ -422,3 +422,30 @@ fn ranges_protocol_hints_any_fragmentation() {
     );
     check_moved(src, dst);
 }
+
+#[test]
+fn a_hint_round_cut_by_the_time_limit_is_counted_incomplete() {
+    let (src, dst) = pair(
+        "mig-incomplete",
+        "1G",
+        "used=64 hint=none",
+        &[BALLOON, HINTING],
+    );
+    let before: serde_json::Value =
+        serde_json::from_slice(&src.remote(&["counters"]).stdout).unwrap();
+    assert_eq!(before["balloon"]["hint_rounds_incomplete"], 0, "{before}");
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("destination_url={url},hint_wait_ms=200"),
+    );
+    let r = report(&sent);
+    assert_eq!(r["hints"]["pages_hinted"], 0, "{r}");
+    // The counters travel with the balloon's state.
+    let c: serde_json::Value = serde_json::from_slice(&dst.remote(&["counters"]).stdout).unwrap();
+    assert_eq!(c["balloon"]["hint_rounds"], 1, "{c}");
+    assert_eq!(c["balloon"]["hint_rounds_incomplete"], 1, "{c}");
+    check_moved(src, dst);
+}
