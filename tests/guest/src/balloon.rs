@@ -574,24 +574,23 @@ impl RangeSender {
     }
 
     /// Waits for a free buffer page and a descriptor (one always stays free for STOP), taking
-    /// back pages the device has used. Ends the round on the time limit or a new command id.
+    /// back pages the device has used. Ends the round instead on a new command id (checked
+    /// before every buffer, as Linux does after every full one) or the time limit.
     fn take_buffer(&mut self, bl: &mut Balloon) {
         loop {
-            self.collect_used(bl);
-            let room = bl.fpq.as_ref().is_some_and(|q| q.num_free() > 1);
-            if self.free_len > 0 && room {
-                self.free_len -= 1;
-                self.current = Some((self.free[self.free_len], 0));
-                return;
-            }
-            let end = if bl.fpq.is_none() || (self.free_len == 0 && self.sent == 0) {
-                Some(RangesEnd::NoBuffer)
-            } else if bl.cmd_changed(self.id) {
+            let end = if bl.cmd_changed(self.id) {
                 Some(RangesEnd::Cancelled)
             } else if rdtsc() > self.deadline {
                 Some(RangesEnd::TimeLimit)
             } else {
-                None
+                self.collect_used(bl);
+                let room = bl.fpq.as_ref().is_some_and(|q| q.num_free() > 1);
+                if self.free_len > 0 && room {
+                    self.free_len -= 1;
+                    self.current = Some((self.free[self.free_len], 0));
+                    return;
+                }
+                (bl.fpq.is_none() || (self.free_len == 0 && self.sent == 0)).then_some(RangesEnd::NoBuffer)
             };
             if let Some(end) = end {
                 self.ended = Some(end);
