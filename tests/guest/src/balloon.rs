@@ -8,7 +8,8 @@
 //!   cannot get memory.
 //! * none: FREE_PAGE_HINT is negotiated but requests are never answered.
 //! * ranges (needs our feature bit 60, else stock): the id, then the allocator's free memory as
-//!   merged ranges without allocating it, in out buffers of up to 256 `{le64 gpa, le64 len}`,
+//!   merged ranges without allocating it, in out buffers of up to 256 `{le64 gpa, le64 len}`
+//!   (a few buffer pages, each refilled once the device has used it, so any number of ranges),
 //!   then STOP. Nothing is held; DONE is a no-op.
 //!
 //! Configuration changes arrive by MSI-X (vector [`CONFIG_VECTOR`] on the BSP) when the device
