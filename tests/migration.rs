@@ -685,3 +685,67 @@ fn done_raised_while_restoring_reaches_the_guest_as_an_interrupt() {
     );
     dest.shutdown();
 }
+
+#[test]
+fn ranges_protocol_hints_any_fragmentation() {
+    // 3 GiB fragmented into 64 KiB holes: about 25,000 free ranges, many more than the range
+    // buffers the guest has, so the guest must reuse them as the device hands them back.
+    let (src, dst) = pair(
+        "mig-ranges-frag",
+        "4G",
+        "used=256 fragment=3072 hint=ranges",
+        &[BALLOON, HINTING],
+    );
+    let ready = src.wait_line("guest: ready", READY);
+    let free = field(&ready, "free_pages").unwrap();
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let started = Instant::now();
+    let (sent, _) = migrate(&src, &dst, &url, &url);
+    let elapsed = started.elapsed();
+    let r = report(&sent);
+    eprintln!("{free} free pages; migrated in {elapsed:?}; report: {r}");
+    let hint = src.wait_line("guest: hint_us=", Duration::from_secs(10));
+    eprintln!("guest: {hint}");
+    assert_eq!(
+        field(&hint, "dropped_ranges"),
+        Some(0),
+        "the guest hinted every free range: {hint}"
+    );
+    assert_eq!(r["hints"]["mode"], "ranges", "{r}");
+    assert_eq!(r["hints"]["rejected"], 0, "{r}");
+    let skipped = r["hints"]["pages_skipped"].as_u64().unwrap();
+    let hinted = r["hints"]["pages_hinted"].as_u64().unwrap();
+    assert!(hinted >= skipped, "{r}");
+    assert!(
+        skipped * 100 >= free * 95,
+        "skipped {skipped} of {free} free pages: {r}"
+    );
+    check_moved(src, dst);
+}
+
+#[test]
+fn a_hint_round_cut_by_the_time_limit_is_counted_incomplete() {
+    let (src, dst) = pair(
+        "mig-incomplete",
+        "1G",
+        "used=64 hint=none",
+        &[BALLOON, HINTING],
+    );
+    let before: serde_json::Value =
+        serde_json::from_slice(&src.remote(&["counters"]).stdout).unwrap();
+    assert_eq!(before["balloon"]["hint_rounds_incomplete"], 0, "{before}");
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, _) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("destination_url={url},hint_wait_ms=200"),
+    );
+    let r = report(&sent);
+    assert_eq!(r["hints"]["pages_hinted"], 0, "{r}");
+    // The counters travel with the balloon's state.
+    let c: serde_json::Value = serde_json::from_slice(&dst.remote(&["counters"]).stdout).unwrap();
+    assert_eq!(c["balloon"]["hint_rounds"], 1, "{c}");
+    assert_eq!(c["balloon"]["hint_rounds_incomplete"], 1, "{c}");
+    check_moved(src, dst);
+}

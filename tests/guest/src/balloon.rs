@@ -8,7 +8,8 @@
 //!   cannot get memory.
 //! * none: FREE_PAGE_HINT is negotiated but requests are never answered.
 //! * ranges (needs our feature bit 60, else stock): the id, then the allocator's free memory as
-//!   merged ranges without allocating it, in out buffers of up to 256 `{le64 gpa, le64 len}`,
+//!   merged ranges without allocating it, in out buffers of up to 256 `{le64 gpa, le64 len}`
+//!   (a few buffer pages, each refilled once the device has used it, so any number of ranges),
 //!   then STOP. Nothing is held; DONE is a no-op.
 //!
 //! Configuration changes arrive by MSI-X (vector [`CONFIG_VECTOR`] on the BSP) when the device
@@ -52,8 +53,14 @@ const TOK_CMD: u64 = 1 << 62;
 const TOK_BLOCK: u64 = 1 << 61;
 const TOK_RANGES: u64 = 1 << 60; // | pfn of the buffer page (freed when used)
 
-/// Maximum range buffer pages per round (each 256 ranges).
-const MAX_RANGE_PAGES: usize = 64;
+/// Range buffer pages of a ranges round, reused as the device hands them back (as many as
+/// the Linux patch keeps in flight).
+const RANGE_BUFS: usize = 8;
+/// Ranges per buffer page (the protocol's most per buffer).
+const RANGES_PER_BUF: u32 = 256;
+/// A ranges round sends STOP after this long, even if the walk is not done: a device that
+/// never hands buffers back cannot keep the driver busy for ever.
+const RANGES_ROUND_LIMIT_US: u64 = 5_000_000;
 
 /// The driver state.
 pub struct Balloon {
@@ -426,50 +433,188 @@ impl Balloon {
         }
     }
 
+    /// A ranges round: the free lists are walked once, in address order, and every merged
+    /// free range goes into one of [`RANGE_BUFS`] buffer pages, each sent when full and reused
+    /// once the device hands it back, so any number of ranges fits in a round. The round ends
+    /// with STOP when the walk is done, when the device moves on from `id`, or after
+    /// [`RANGES_ROUND_LIMIT_US`]; ranges not sent by then are counted as dropped.
     fn ranges_round(&mut self, id: u32, b: &mut Buddy) {
         let t0 = rdtsc();
         if !self.wait_fpq(2, b) || !self.send_cmd(id) {
             return;
         }
-        // buffer pages first: they are the only allocation of the round
-        let est: u64 = (0..=MAX_ORDER).map(|o| b.free_blocks(o)).sum::<u64>() + 64;
-        let room = self.fpq.as_ref().map_or(0, |q| q.num_free() as usize).saturating_sub(1);
-        let want = (est.div_ceil(256) as usize).min(MAX_RANGE_PAGES).min(room);
-        let mut bufs = [0u32; MAX_RANGE_PAGES];
-        let mut nbufs = 0;
-        while nbufs < want {
+        // the buffer pages are the only allocation of the round
+        let mut s = RangeSender::new(id, t0 + us_to_ticks(RANGES_ROUND_LIMIT_US));
+        while s.free_len < RANGE_BUFS {
             let Some(p) = b.alloc(0) else { break };
-            bufs[nbufs] = p;
-            nbufs += 1;
+            s.free[s.free_len] = p;
+            s.free_len += 1;
         }
-        let (mut ranges, mut pages, mut dropped) = (0u64, 0u64, 0u64);
-        let mut fill = [0u32; MAX_RANGE_PAGES];
-        b.for_each_free_range(|pfn, len| {
-            let slot = (ranges / 256) as usize;
-            if slot >= nbufs {
-                dropped += 1;
-                return;
-            }
-            let e = bufs[slot] as u64 * PAGE_SIZE + 16 * (ranges % 256);
-            // SAFETY: entry inside a buffer page owned by this round.
-            unsafe {
-                core::ptr::write_volatile(e as *mut u64, (pfn as u64 * PAGE_SIZE).to_le());
-                core::ptr::write_volatile((e + 8) as *mut u64, (len * PAGE_SIZE).to_le());
-            }
-            fill[slot] += 1;
-            ranges += 1;
-            pages += len;
-        });
-        for i in 0..nbufs {
-            let Some(q) = self.fpq.as_mut() else { break };
-            let tok = TOK_RANGES | bufs[i] as u64;
-            if fill[i] == 0 || !q.add(bufs[i] as u64 * PAGE_SIZE, 16 * fill[i], false, tok) {
-                let _ = b.free(bufs[i], 0);
-            }
+        let nbufs = s.free_len;
+        b.for_each_free_range(|pfn, len| s.add(self, pfn, len));
+        s.send_current(self);
+        s.collect_used(self);
+        let end = s.ended.unwrap_or(RangesEnd::Walked);
+        // buffers still with the device are freed by `reap` when it hands them back
+        for &p in &s.free[..s.free_len] {
+            let _ = b.free(p, 0);
         }
         let _ = self.wait_fpq(1, b);
         self.send_cmd(CMD_STOP);
-        println!("guest: hint cmd_id={} blocks={} pages={}", id, ranges, pages);
-        println!("guest: hint_us={} range_buffers={} dropped_ranges={}", ticks_to_us(rdtsc() - t0), nbufs, dropped);
+        println!("guest: hint cmd_id={} blocks={} pages={}", id, s.ranges, s.pages);
+        println!(
+            "guest: hint_us={} range_buffers={} buffers_sent={} dropped_ranges={} end={}",
+            ticks_to_us(rdtsc() - t0),
+            nbufs,
+            s.sent,
+            s.dropped,
+            end.name()
+        );
+    }
+}
+
+/// Why a ranges round ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RangesEnd {
+    /// Every free range was read (and sent, unless dropped for want of a buffer page).
+    Walked,
+    /// [`RANGES_ROUND_LIMIT_US`] passed.
+    TimeLimit,
+    /// The device showed another command id (a newer round, STOP or DONE).
+    Cancelled,
+    /// No buffer page could be allocated, or the queue refused a buffer.
+    NoBuffer,
+}
+
+impl RangesEnd {
+    fn name(self) -> &'static str {
+        match self {
+            RangesEnd::Walked => "walked",
+            RangesEnd::TimeLimit => "time_limit",
+            RangesEnd::Cancelled => "cancelled",
+            RangesEnd::NoBuffer => "no_buffer",
+        }
+    }
+}
+
+/// The range buffers of one round: pages free to fill, the one being filled, and counters.
+struct RangeSender {
+    id: u32,
+    deadline: u64,
+    /// Pages free to fill: this round's, and any of an earlier round the device hands back
+    /// now (at most [`RANGE_BUFS`] more).
+    free: [u32; 2 * RANGE_BUFS],
+    free_len: usize,
+    /// The page being filled and its number of entries.
+    current: Option<(u32, u32)>,
+    /// Set once the round ends early; every later range is dropped.
+    ended: Option<RangesEnd>,
+    ranges: u64,
+    pages: u64,
+    dropped: u64,
+    sent: u64,
+}
+
+impl RangeSender {
+    fn new(id: u32, deadline: u64) -> Self {
+        RangeSender {
+            id,
+            deadline,
+            free: [0; 2 * RANGE_BUFS],
+            free_len: 0,
+            current: None,
+            ended: None,
+            ranges: 0,
+            pages: 0,
+            dropped: 0,
+            sent: 0,
+        }
+    }
+
+    /// One free range from the walk.
+    fn add(&mut self, bl: &mut Balloon, pfn: u32, len: u64) {
+        if self.ended.is_none() && self.current.is_none() {
+            self.take_buffer(bl);
+        }
+        let Some((page, fill)) = self.current else {
+            self.dropped += 1;
+            return;
+        };
+        let e = page as u64 * PAGE_SIZE + 16 * fill as u64;
+        // SAFETY: entry `fill` (< 256) of a buffer page owned by this round.
+        unsafe {
+            core::ptr::write_volatile(e as *mut u64, (pfn as u64 * PAGE_SIZE).to_le());
+            core::ptr::write_volatile((e + 8) as *mut u64, (len * PAGE_SIZE).to_le());
+        }
+        self.current = Some((page, fill + 1));
+        self.ranges += 1;
+        self.pages += len;
+        if fill + 1 == RANGES_PER_BUF {
+            self.send_current(bl);
+        }
+    }
+
+    /// Queues the page being filled (if it has entries) and tells the device.
+    fn send_current(&mut self, bl: &mut Balloon) {
+        let Some((page, fill)) = self.current.take() else { return };
+        if fill == 0 {
+            self.give_back(page);
+            return;
+        }
+        let Some(q) = bl.fpq.as_mut() else { return };
+        if q.add(page as u64 * PAGE_SIZE, 16 * fill, false, TOK_RANGES | page as u64) {
+            q.kick();
+            self.sent += 1;
+        } else {
+            // cannot happen (a descriptor is kept free), but then these ranges are lost
+            self.dropped += fill as u64;
+            self.ranges -= fill as u64;
+            self.give_back(page);
+            self.ended.get_or_insert(RangesEnd::NoBuffer);
+        }
+    }
+
+    /// Waits for a free buffer page and a descriptor (one always stays free for STOP), taking
+    /// back pages the device has used. Ends the round instead on a new command id (checked
+    /// before every buffer, as Linux does after every full one) or the time limit.
+    fn take_buffer(&mut self, bl: &mut Balloon) {
+        loop {
+            let end = if bl.cmd_changed(self.id) {
+                Some(RangesEnd::Cancelled)
+            } else if rdtsc() > self.deadline {
+                Some(RangesEnd::TimeLimit)
+            } else {
+                self.collect_used(bl);
+                let room = bl.fpq.as_ref().is_some_and(|q| q.num_free() > 1);
+                if self.free_len > 0 && room {
+                    self.free_len -= 1;
+                    self.current = Some((self.free[self.free_len], 0));
+                    return;
+                }
+                (bl.fpq.is_none() || (self.free_len == 0 && self.sent == 0)).then_some(RangesEnd::NoBuffer)
+            };
+            if let Some(end) = end {
+                self.ended = Some(end);
+                return;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Takes used buffers off the free page queue; range pages become free to fill again.
+    fn collect_used(&mut self, bl: &mut Balloon) {
+        let Some(q) = bl.fpq.as_mut() else { return };
+        while let Some((tok, _)) = q.pop_used() {
+            if tok & TOK_RANGES != 0 {
+                self.give_back((tok & 0xffff_ffff) as u32);
+            }
+        }
+    }
+
+    fn give_back(&mut self, page: u32) {
+        if self.free_len < self.free.len() {
+            self.free[self.free_len] = page;
+            self.free_len += 1;
+        }
     }
 }

@@ -12,13 +12,21 @@
 //! old id, after STOP or DONE) is ignored and counted. Accepted ranges must be page aligned,
 //! non-empty, inside guest RAM and must not overlap an earlier range of the same round;
 //! anything else is rejected and counted. Command ids are never reused (they only grow).
+//!
+//! A round may hold any number of ranges: the only limit is that they cannot overlap, so
+//! together they name at most all of RAM. What a round keeps is bounded by RAM size too: the
+//! pages seen so far are a bitmap ([`pages::RamPages`], 32 KiB per GiB), ranges wait for the
+//! receiver in a list of at most [`QUEUED_RANGES_MAX`] and, past that, in a second bitmap.
 
-use std::collections::BTreeMap;
+mod pages;
+
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use pages::RamPages;
 
 use super::state::HintingState;
 use super::{
@@ -26,6 +34,12 @@ use super::{
 };
 use crate::sync::lock;
 use crate::GuestMemoryMmap;
+
+/// Ranges a round hands to its receiver as they came; ranges beyond this, not yet taken, are
+/// kept as pages in a bitmap and handed over merged (16 bytes each: 1 MiB).
+pub const QUEUED_RANGES_MAX: usize = 1 << 16;
+/// Accepted ranges the device buffers before handing them to the round (64 KiB).
+const PENDING_RANGES_MAX: usize = 4096;
 
 /// Where the current (or last) hinting round is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,11 +100,17 @@ pub struct HintStatus {
     pub total_rejected: u64,
     /// Ignored hints over all rounds.
     pub total_ignored: u64,
+    /// Rounds that ended without the driver's STOP (the host's time limit, a newer round,
+    /// DONE or a reset came first), over all rounds.
+    pub total_incomplete: u64,
 }
 
 #[derive(Debug, Default)]
 struct RoundData {
+    /// Ranges not taken yet, as they came (at most [`QUEUED_RANGES_MAX`]).
     ranges: Vec<HintRange>,
+    /// Pages of later ranges not taken yet.
+    overflow: Option<RamPages>,
     pages: u64,
     stopped: bool,
     finished: bool,
@@ -125,9 +145,16 @@ impl HintRound {
         self.inner.cmd_id
     }
 
-    /// Take the ranges received since the last call.
+    /// Take the ranges received since the last call. Normally they come as the driver sent
+    /// them; if more than [`QUEUED_RANGES_MAX`] were waiting, the rest come merged per run of
+    /// pages (the same pages either way).
     pub fn take_ranges(&self) -> Vec<HintRange> {
-        std::mem::take(&mut lock(&self.inner.data).ranges)
+        let mut data = lock(&self.inner.data);
+        let mut ranges = std::mem::take(&mut data.ranges);
+        if let Some(mut overflow) = data.overflow.take() {
+            overflow.drain_into(&mut ranges);
+        }
+        ranges
     }
 
     /// Pages accepted so far in this round.
@@ -162,9 +189,17 @@ impl HintRound {
         data.stopped
     }
 
-    fn push(&self, ranges: &mut Vec<HintRange>, pages: u64) {
+    /// Hand over accepted ranges; `layout` is an (empty or not) page set over guest RAM.
+    fn push(&self, ranges: &mut Vec<HintRange>, pages: u64, layout: &RamPages) {
         let mut data = lock(&self.inner.data);
+        let room = QUEUED_RANGES_MAX.saturating_sub(data.ranges.len());
+        let rest = ranges.split_off(room.min(ranges.len()));
         data.ranges.append(ranges);
+        for r in rest {
+            data.overflow
+                .get_or_insert_with(|| layout.empty_like())
+                .insert(r.gpa, r.len);
+        }
         data.pages += pages;
     }
 
@@ -198,7 +233,8 @@ pub(crate) struct HintEngine {
     cmd_id: u32,
     last_id: u32,
     round: Option<HintRound>,
-    seen: BTreeMap<u64, u64>,
+    /// Pages accepted in this round (made at its first hint).
+    seen: Option<RamPages>,
     pending: Vec<HintRange>,
     pending_pages: u64,
     requested_at: Option<Instant>,
@@ -210,6 +246,7 @@ pub(crate) struct HintEngine {
     total_pages: u64,
     total_rejected: u64,
     total_ignored: u64,
+    total_incomplete: u64,
 }
 
 impl HintEngine {
@@ -223,7 +260,7 @@ impl HintEngine {
         self.last_id = id;
         self.cmd_id = id;
         self.state = HintState::Requested;
-        self.seen.clear();
+        self.seen = None;
         self.pages = 0;
         self.rejected = 0;
         self.ignored = 0;
@@ -238,7 +275,7 @@ impl HintEngine {
     /// DONE: the round is over and its ranges forgotten.
     pub(crate) fn done(&mut self) {
         self.finish_round(false);
-        self.seen.clear();
+        self.seen = None;
         if self.state != HintState::Idle || self.cmd_id != 0 {
             self.state = HintState::Done;
         }
@@ -257,13 +294,16 @@ impl HintEngine {
     /// Device reset: back to idle, the round (if any) is abandoned.
     pub(crate) fn reset(&mut self) {
         self.finish_round(false);
-        self.seen.clear();
+        self.seen = None;
         self.state = HintState::Idle;
     }
 
     fn finish_round(&mut self, stopped: bool) {
         self.flush();
         if let Some(round) = self.round.take() {
+            if !stopped {
+                self.total_incomplete += 1;
+            }
             round.finish(stopped);
         }
     }
@@ -273,9 +313,9 @@ impl HintEngine {
         if self.pending.is_empty() {
             return;
         }
-        match &self.round {
-            Some(round) => round.push(&mut self.pending, self.pending_pages),
-            None => self.pending.clear(),
+        match (&self.round, &self.seen) {
+            (Some(round), Some(seen)) => round.push(&mut self.pending, self.pending_pages, seen),
+            _ => self.pending.clear(),
         }
         self.pending_pages = 0;
     }
@@ -317,14 +357,18 @@ impl HintEngine {
             self.ignore(1);
             return;
         }
-        match self.validate(mem, gpa, len) {
-            Ok(end) => {
-                self.remember(gpa, end);
+        let seen = self.seen.get_or_insert_with(|| RamPages::for_memory(mem));
+        match Self::validate(seen, mem, gpa, len) {
+            Ok(()) => {
+                seen.insert(gpa, len);
                 let pages = len >> BALLOON_PAGE_SHIFT;
                 self.pending.push(HintRange { gpa, len });
                 self.pending_pages += pages;
                 self.pages += pages;
                 self.total_pages += pages;
+                if self.pending.len() >= PENDING_RANGES_MAX {
+                    self.flush();
+                }
             }
             Err(why) => {
                 log::debug!("balloon: hint {gpa:#x}+{len:#x} rejected: {why:?}");
@@ -333,44 +377,32 @@ impl HintEngine {
         }
     }
 
-    /// Record `[gpa, end)` as hinted, merging it with touching neighbours so that a round of
-    /// contiguous hints keeps the map small.
-    fn remember(&mut self, gpa: u64, end: u64) {
-        let mut start = gpa;
-        let mut end = end;
-        if let Some((&prev_start, &prev_end)) = self.seen.range(..gpa).next_back() {
-            if prev_end == gpa {
-                start = prev_start;
-            }
-        }
-        if let Some(next_end) = self.seen.remove(&end) {
-            end = next_end;
-        }
-        self.seen.insert(start, end);
-    }
-
-    fn validate(&self, mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<u64, HintReject> {
+    fn validate(
+        seen: &RamPages,
+        mem: &GuestMemoryMmap,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), HintReject> {
         if len == 0 {
             return Err(HintReject::Empty);
         }
         if !gpa.is_multiple_of(BALLOON_PAGE_SIZE) || !len.is_multiple_of(BALLOON_PAGE_SIZE) {
             return Err(HintReject::Misaligned);
         }
-        let ram: u64 = mem.iter().map(|r| r.len()).sum();
-        let end = gpa.checked_add(len).ok_or(HintReject::TooLong)?;
+        let ram = seen.ram_bytes();
+        gpa.checked_add(len).ok_or(HintReject::TooLong)?;
         if len > ram {
             return Err(HintReject::TooLong);
         }
         let size = usize::try_from(len).map_err(|_| HintReject::TooLong)?;
-        if !GuestMemoryBackend::check_range(mem, GuestAddress(gpa), size) {
+        if !GuestMemoryBackend::check_range(mem, GuestAddress(gpa), size) || !seen.covers(gpa, len)
+        {
             return Err(HintReject::OutsideRam);
         }
-        if let Some((_, prev_end)) = self.seen.range(..end).next_back() {
-            if *prev_end > gpa {
-                return Err(HintReject::Overlap);
-            }
+        if seen.any(gpa, len) {
+            return Err(HintReject::Overlap);
         }
-        Ok(end)
+        Ok(())
     }
 
     /// Status for the API.
@@ -390,6 +422,7 @@ impl HintEngine {
             total_pages: self.total_pages,
             total_rejected: self.total_rejected,
             total_ignored: self.total_ignored,
+            total_incomplete: self.total_incomplete,
         }
     }
 
@@ -399,6 +432,7 @@ impl HintEngine {
         c.hinted_pages = self.total_pages;
         c.hint_rejected = self.total_rejected;
         c.hint_ignored = self.total_ignored;
+        c.hint_rounds_incomplete = self.total_incomplete;
     }
 
     /// Plain state for migration.
@@ -415,6 +449,7 @@ impl HintEngine {
             total_pages: self.total_pages,
             total_rejected: self.total_rejected,
             total_ignored: self.total_ignored,
+            total_incomplete: self.total_incomplete,
         }
     }
 
@@ -435,6 +470,7 @@ impl HintEngine {
             total_pages: s.total_pages,
             total_rejected: s.total_rejected,
             total_ignored: s.total_ignored,
+            total_incomplete: s.total_incomplete,
             ..Default::default()
         };
     }
@@ -509,18 +545,99 @@ mod tests {
     }
 
     #[test]
-    fn touching_ranges_are_merged() {
+    fn touching_ranges_are_accepted_and_overlaps_refused() {
         let mem = guest_memory(64 << 20);
         let mut e = HintEngine::default();
-        let (id, _round) = e.start_round();
+        let (id, round) = e.start_round();
         e.on_cmd_id(id);
         for block in [8, 0, 4, 12] {
             e.on_hint(&mem, block * MIB, 4 * MIB);
         }
-        assert_eq!(e.seen.len(), 1);
-        assert_eq!(e.seen.get(&0), Some(&(16 * MIB)));
         e.on_hint(&mem, 15 * MIB, 4096);
-        assert_eq!(e.status().rejected, 1, "overlap with the merged range");
+        e.on_hint(&mem, 0, 64 * MIB);
+        assert_eq!(e.status().rejected, 2, "overlaps with earlier ranges");
+        e.on_hint(&mem, 16 * MIB, 48 * MIB);
+        assert_eq!(e.status().pages, 16 * 1024);
+        e.flush();
+        assert_eq!(round.take_ranges().len(), 5);
+    }
+
+    #[test]
+    fn a_round_takes_any_number_of_ranges_in_bounded_memory() {
+        // Every other page of 1 GiB: 131,072 ranges, twice what waits in the list.
+        let mem = guest_memory(1 << 30);
+        let mut e = HintEngine::default();
+        let (id, round) = e.start_round();
+        e.on_cmd_id(id);
+        let n = 2 * QUEUED_RANGES_MAX as u64;
+        for i in 0..n {
+            e.on_hint(&mem, 2 * i * 4096, 4096);
+            assert!(e.pending.len() < PENDING_RANGES_MAX);
+        }
+        e.on_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP);
+        assert!(round.is_stopped());
+        assert_eq!(round.pages(), n);
+        assert_eq!(lock(&round.inner.data).ranges.len(), QUEUED_RANGES_MAX);
+        let ranges = round.take_ranges();
+        assert_eq!(ranges.len() as u64, n, "no two of them touch: none merged");
+        for (i, r) in ranges.iter().enumerate() {
+            assert_eq!((r.gpa, r.len), (2 * i as u64 * 4096, 4096));
+        }
+        assert!(round.take_ranges().is_empty());
+        let st = e.status();
+        assert_eq!((st.pages, st.rejected, st.total_incomplete), (n, 0, 0));
+    }
+
+    #[test]
+    fn overflowing_ranges_that_touch_come_merged() {
+        let mem = guest_memory(1 << 30);
+        let mut e = HintEngine::default();
+        let (id, round) = e.start_round();
+        e.on_cmd_id(id);
+        let n = QUEUED_RANGES_MAX as u64 + 10;
+        for i in 0..n {
+            e.on_hint(&mem, i * 4096, 4096);
+        }
+        e.flush();
+        let ranges = round.take_ranges();
+        assert_eq!(ranges.len(), QUEUED_RANGES_MAX + 1);
+        assert_eq!(
+            ranges.last(),
+            Some(&HintRange {
+                gpa: QUEUED_RANGES_MAX as u64 * 4096,
+                len: 10 * 4096
+            })
+        );
+    }
+
+    #[test]
+    fn rounds_without_the_drivers_stop_are_counted_incomplete() {
+        let mem = guest_memory(64 << 20);
+        let mut e = HintEngine::default();
+        let (id, _) = e.start_round();
+        e.on_cmd_id(id);
+        e.on_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP);
+        e.done();
+        assert_eq!(e.status().total_incomplete, 0, "finished with STOP");
+        let (id, round) = e.start_round();
+        e.on_cmd_id(id);
+        e.on_hint(&mem, 0, 4096);
+        e.stop_by_device();
+        assert!(round.is_finished() && !round.is_stopped());
+        assert_eq!(
+            round.take_ranges().len(),
+            1,
+            "what came before the limit counts"
+        );
+        e.start_round();
+        e.start_round(); // supersedes the one before
+        e.reset();
+        let mut c = super::super::BalloonCounters::default();
+        e.fill_counters(&mut c);
+        assert_eq!(c.hint_rounds_incomplete, 3);
+        let mut back = HintEngine::default();
+        back.load(&e.save());
+        assert_eq!(back.status().total_incomplete, 3);
     }
 
     #[test]

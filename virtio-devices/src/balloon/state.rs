@@ -30,6 +30,10 @@ pub struct BalloonCounters {
     pub hint_rejected: u64,
     /// Hints ignored (wrong id, before the id, after STOP), all rounds.
     pub hint_ignored: u64,
+    /// Hinting rounds that ended without the driver's STOP (the host's time limit, a newer
+    /// round, DONE or a reset came first): the driver may not have hinted all it had.
+    #[serde(default)]
+    pub hint_rounds_incomplete: u64,
     /// Buffers of the wrong direction, size or place (all queues).
     pub malformed_buffers: u64,
     /// Queue errors that stopped a queue (available index jumps, unreadable rings).
@@ -63,6 +67,9 @@ pub struct HintingState {
     pub total_rejected: u64,
     /// Ignored over all rounds.
     pub total_ignored: u64,
+    /// Rounds that ended without the driver's STOP.
+    #[serde(default)]
+    pub total_incomplete: u64,
 }
 
 /// Everything the balloon needs on the destination.

@@ -463,3 +463,146 @@ impl BalloonWorker {
         self.process_pending();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::super::{
+        queue_layout, Balloon, BalloonConfig, HintRange, FREE_PAGE_HINT_CMD_ID_STOP,
+        VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    };
+    use super::*;
+    use crate::test_utils::{guest_memory, MockInterrupt, TestQueue};
+    use crate::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+
+    const MIB: u64 = 1 << 20;
+    /// The driver's buffer pages.
+    const BUF: u64 = 8 * MIB;
+
+    /// A balloon with only free page hinting (ranges) negotiated, its worker, the driver side
+    /// of the free page queue (`fpq_size` descriptors) and a handle.
+    fn ranges_balloon(
+        mem: &Arc<GuestMemoryMmap>,
+        fpq_size: u16,
+    ) -> (Balloon, BalloonWorker, TestQueue) {
+        let config = BalloonConfig {
+            free_page_hinting: true,
+            ..Default::default()
+        };
+        let mut balloon = Balloon::new(&config).unwrap();
+        let acked = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BALLOON_F_FREE_PAGE_HINT
+            | 1 << VIRTIO_BALLOON_F_HINT_RANGES;
+        balloon.ack_features(acked);
+        let mut fpq = None;
+        let vqs = queue_layout(acked)
+            .iter()
+            .enumerate()
+            .map(|(i, kind)| {
+                let size = if *kind == QueueKind::FreePage {
+                    fpq_size
+                } else {
+                    16
+                };
+                let tq = TestQueue::new(mem, 0x10_0000 + 0x1_0000 * i as u64, size);
+                let vq = VirtioQueue {
+                    index: i as u16,
+                    queue: Arc::new(Mutex::new(tq.queue())),
+                    event: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                };
+                if *kind == QueueKind::FreePage {
+                    fpq = Some(tq);
+                }
+                vq
+            })
+            .collect();
+        let worker = balloon
+            .prepare_worker(mem.clone(), Arc::new(MockInterrupt::default()), vqs)
+            .unwrap();
+        (balloon, worker, fpq.unwrap())
+    }
+
+    fn out(mem: &GuestMemoryMmap, gpa: u64, data: &[u8]) -> (u64, u32, bool) {
+        mem.write_slice(data, GuestAddress(gpa)).unwrap();
+        (gpa, data.len() as u32, false)
+    }
+
+    #[test]
+    fn a_ranges_round_reuses_a_few_buffers_for_many_ranges() {
+        // 100 buffers of 256 ranges (the old guest's cap was 64 buffers), through 8 buffer
+        // pages and a free page queue of 16 descriptors, as the Linux patch sends them:
+        // each buffer is refilled and queued again once the device has used it.
+        const BUFFERS: u64 = 100;
+        let mem = guest_memory(512 << 20);
+        let (balloon, mut worker, mut fpq) = ranges_balloon(&mem, 16);
+        let handle = balloon.handle();
+        let round = handle.start_hint_round().unwrap();
+        let cmd = out(&mem, BUF - 8, &round.cmd_id().to_le_bytes());
+        fpq.add_chain(&[cmd]);
+        worker.process_all();
+        let mut taken: Vec<HintRange> = Vec::new();
+        let mut next = 16 * MIB;
+        let t = Instant::now();
+        for i in 0..BUFFERS {
+            let page = BUF + (i % 8) * 4096;
+            let bytes: Vec<u8> = (0..256)
+                .flat_map(|_| {
+                    // one page free, one page used
+                    let r = (next, 4096u64);
+                    next += 2 * 4096;
+                    r.0.to_le_bytes().into_iter().chain(r.1.to_le_bytes())
+                })
+                .collect();
+            fpq.add_chain(&[out(&mem, page, &bytes)]);
+            worker.process_all();
+            assert_eq!(u64::from(fpq.used_idx()), i + 2, "buffer {i} handed back");
+            taken.extend(round.take_ranges());
+        }
+        let elapsed = t.elapsed();
+        let stop = out(&mem, BUF - 4, &FREE_PAGE_HINT_CMD_ID_STOP.to_le_bytes());
+        fpq.add_chain(&[stop]);
+        worker.process_all();
+        assert!(round.wait_stopped(Duration::ZERO));
+        taken.extend(round.take_ranges());
+        eprintln!("{BUFFERS} buffers of 256 ranges in {elapsed:?}");
+        assert_eq!(taken.len() as u64, BUFFERS * 256);
+        assert!(taken
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.gpa == 16 * MIB + 2 * 4096 * i as u64 && r.len == 4096));
+        let st = handle.hint_status();
+        assert_eq!((st.pages, st.rejected, st.ignored), (BUFFERS * 256, 0, 0));
+        let c = handle.counters();
+        assert_eq!(
+            (c.hinted_pages, c.hint_rounds_incomplete),
+            (BUFFERS * 256, 0)
+        );
+        // Debug builds are ~10x slower than release.
+        let limit = if cfg!(debug_assertions) { 2000 } else { 200 };
+        assert!(elapsed < Duration::from_millis(limit), "{elapsed:?}");
+    }
+
+    #[test]
+    fn a_round_the_host_stops_is_counted_incomplete() {
+        let mem = guest_memory(64 << 20);
+        let (balloon, mut worker, mut fpq) = ranges_balloon(&mem, 16);
+        let handle = balloon.handle();
+        let round = handle.start_hint_round().unwrap();
+        fpq.add_chain(&[out(&mem, BUF, &round.cmd_id().to_le_bytes())]);
+        let ranges: Vec<u8> = [16 * MIB, 4096]
+            .into_iter()
+            .flat_map(u64::to_le_bytes)
+            .collect();
+        fpq.add_chain(&[out(&mem, BUF + 4096, &ranges)]);
+        worker.process_all();
+        handle.stop_hint_round().unwrap();
+        assert!(round.is_finished() && !round.is_stopped());
+        assert_eq!(round.take_ranges().len(), 1);
+        assert_eq!(handle.counters().hint_rounds_incomplete, 1);
+        assert_eq!(handle.hint_status().total_incomplete, 1);
+    }
+}
