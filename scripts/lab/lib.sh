@@ -111,6 +111,19 @@ boot_guest() {
     echo "lab-l1: $1 booted in $BOOT_MS ms: $(grep -m1 '^guest: ready' "$W/serial.log")"
 }
 
+# check_integrity SEQ: INTEGRITY=ok once the guest verified its memory again after SEQ (within
+# 60 s) and never printed a failure, INTEGRITY=failed otherwise.
+check_integrity() {
+    INTEGRITY=failed
+    n=0
+    while [ $n -lt 300 ]; do
+        s=$(last_seq)
+        [ -n "$s" ] && [ "$s" -gt "${1:-0}" ] && { INTEGRITY=ok; break; }
+        sleep 0.2; n=$((n + 1))
+    done
+    grep -q "verify FAILED" "$W/serial.log" && INTEGRITY=failed
+}
+
 last_seq() { grep -o '^guest: verify ok seq=[0-9]*' "$W/serial.log" | tail -n 1 | cut -d= -f2; }
 
 # guest_used_mib: MemTotal - MemFree from the workload's last meminfo line.
@@ -148,14 +161,7 @@ migrate() {
     fi
     wait "$receiver"
     DEST_RSS_MIB=$(awk '/^Rss:/ {printf "%d\n", $2 / 1024}' "/proc/$(pid_of "$2")/smaps_rollup")
-    INTEGRITY=failed
-    n=0
-    while [ $n -lt 300 ]; do
-        s=$(last_seq)
-        [ -n "$s" ] && [ "$s" -gt "${before:-0}" ] && { INTEGRITY=ok; break; }
-        sleep 0.2; n=$((n + 1))
-    done
-    grep -q "verify FAILED" "$W/serial.log" && INTEGRITY=failed
+    check_integrity "$before"
     MIGRATION_JSON=",\"total_ms\":$(json_field "$REPORT" total_ms),\"bytes_sent\":$(json_field "$REPORT" bytes_sent)"
     MIGRATION_JSON="$MIGRATION_JSON,\"downtime_ms\":$(json_field "$REPORT" downtime_ms),\"dest_rss_mib\":$DEST_RSS_MIB"
     MIGRATION_JSON="$MIGRATION_JSON,\"used_mib\":${USED_MIB:-null},\"integrity\":\"$INTEGRITY\",\"report\":$(cat "$REPORT")"

@@ -30,7 +30,7 @@ scenario_qemu_stock() {
     qemu_start qa || return 1
     wait_for "$W/serial.log" "^guest: verify ok" 300 || { fail "no 'guest: verify ok' under QEMU within 300 s"; return 1; }
     BOOT_MS=$(( $(now_ms) - t_boot ))
-    check_balloon_bound || return 1
+    check_balloon_bound stock any-irq || return 1
     sleep 2
     qemu_start qb -incoming "unix:$W/q.mig" || return 1
     USED_MIB=$(guest_used_mib)
@@ -49,14 +49,7 @@ scenario_qemu_stock() {
     downtime=$(hmp_value "$W/info" "downtime")
     kib=$(hmp_value "$W/info" "transferred ram")
     DEST_RSS_MIB=$(awk '/^Rss:/ {printf "%d\n", $2 / 1024}' "/proc/$(pid_of qb)/smaps_rollup")
-    INTEGRITY=failed
-    n=0
-    while [ $n -lt 300 ]; do
-        s=$(last_seq)
-        [ -n "$s" ] && [ "$s" -gt "${before:-0}" ] && { INTEGRITY=ok; break; }
-        sleep 0.2; n=$((n + 1))
-    done
-    grep -q "verify FAILED" "$W/serial.log" && INTEGRITY=failed
+    check_integrity "$before"
     DETAIL="total $total ms, sent $((kib / 1024)) MiB (used $USED_MIB MiB), downtime $downtime ms, dest RSS $DEST_RSS_MIB MiB"
     EXTRA=",\"vmm\":\"qemu\",\"total_ms\":$total,\"bytes_sent\":$((kib * 1024)),\"downtime_ms\":$downtime"
     EXTRA="$EXTRA,\"dest_rss_mib\":$DEST_RSS_MIB,\"used_mib\":${USED_MIB:-null},\"integrity\":\"$INTEGRITY\""

@@ -71,6 +71,12 @@ def targets(results):
         off_ms = statistics.median(r["total_ms"] for r in off)
         lines.append(f"hints on vs off, median total: {on_ms:.0f} vs {off_ms:.0f} ms = "
                      f"{off_ms / on_ms:.1f}x shorter (target >= 4x)")
+    fast = runs(results, "init-on-alloc-0")
+    if fast and off:
+        on_ms = statistics.median(r["total_ms"] for r in fast)
+        off_ms = statistics.median(r["total_ms"] for r in off)
+        lines.append(f"hints on with init_on_alloc=0 vs off, median total: {on_ms:.0f} vs "
+                     f"{off_ms:.0f} ms = {off_ms / on_ms:.1f}x shorter")
     if qemu:
         lines.append("QEMU stock hints, same guest: " + ", ".join(
             f"{r['total_ms']:.0f} ms / {r['bytes_sent'] / 2**20:.0f} MiB" for r in qemu))

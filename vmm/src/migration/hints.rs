@@ -195,6 +195,9 @@ impl HintWait {
             let now = clock.now();
             let deadline = (start + self.limit).min(last_progress + self.idle);
             let stopped = source.wait_stopped(deadline.saturating_sub(now).min(POLL));
+            // Read before taking the hints: a finished round has handed over all of its own,
+            // so none can arrive after the last take. STOP may have come just after the wait.
+            let finished = stopped || source.is_finished();
             let hints = source.take_ranges();
             let now = clock.now();
             if !hints.is_empty() {
@@ -202,10 +205,12 @@ impl HintWait {
                 last_hint = Some(now - start);
                 on_hints(hints);
             }
-            let end = if stopped {
-                Some(RoundEnd::Stopped)
-            } else if source.is_finished() {
-                Some(RoundEnd::EndedByDevice)
+            let end = if finished {
+                if stopped || source.wait_stopped(Duration::ZERO) {
+                    Some(RoundEnd::Stopped)
+                } else {
+                    Some(RoundEnd::EndedByDevice)
+                }
             } else if now >= start + self.limit {
                 Some(RoundEnd::TimedOut { limit: self.limit })
             } else if now >= last_progress + self.idle {
@@ -322,6 +327,51 @@ mod tests {
     }
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// A driver whose last hints and STOP land just after a wait gave up: between the wait and
+    /// the next look at the round.
+    #[derive(Default)]
+    struct LateStop {
+        ready: RefCell<Vec<(u64, u64)>>,
+        stopped: Cell<bool>,
+    }
+
+    impl HintSource for LateStop {
+        fn cmd_id(&self) -> u32 {
+            2
+        }
+
+        fn take_ranges(&mut self) -> Vec<(u64, u64)> {
+            self.ready.take()
+        }
+
+        fn wait_stopped(&self, _: Duration) -> bool {
+            if !self.stopped.get() {
+                self.ready.borrow_mut().push((1 << 22, 4 << 20));
+                return false;
+            }
+            true
+        }
+
+        fn is_finished(&self) -> bool {
+            if !self.stopped.get() {
+                self.ready.borrow_mut().push((2 << 22, 4 << 20));
+                self.stopped.set(true);
+            }
+            true
+        }
+    }
+
+    #[test]
+    fn a_stop_just_after_a_wait_counts_as_stop_and_keeps_the_last_hints() {
+        let clock = FakeClock::default();
+        let mut got = Vec::new();
+        let outcome =
+            HintWait::new(MS(1000)).run(&mut LateStop::default(), &clock, |h| got.extend(h));
+        assert_eq!(outcome.end, RoundEnd::Stopped);
+        assert_eq!(got, vec![(1 << 22, 4 << 20), (2 << 22, 4 << 20)]);
+        assert_eq!(outcome.reason(2048), None);
+    }
 
     #[test]
     fn a_slow_but_steady_guest_is_waited_for_until_stop() {
