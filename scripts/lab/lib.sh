@@ -172,7 +172,7 @@ migrate() {
 # A one-line summary of the last migration for the lab: line.
 migration_summary() {
     mib=$(( $(json_field "$REPORT" bytes_sent | cut -d. -f1) / 1048576 ))
-    echo "total $(json_field "$REPORT" total_ms | cut -d. -f1) ms, sent $mib MiB (used $USED_MIB MiB)," \
+    echo "total $(json_field "$REPORT" total_ms | cut -d. -f1) ms, sent $mib MiB${USED_MIB:+ (used $USED_MIB MiB)}," \
         "downtime $(json_field "$REPORT" downtime_ms | cut -d. -f1) ms, hints $(json_string "$REPORT" mode)" \
         "$(json_field "$REPORT" pages_hinted) pages, dest RSS $DEST_RSS_MIB MiB"
 }

@@ -20,7 +20,7 @@ qemu_start() {
     done
 }
 
-hmp() { echo "$2" | socat -t 5 - "UNIX-CONNECT:$W/$1.mon"; }
+hmp() { echo "$2" | /lab/bin/socat -t 5 - "UNIX-CONNECT:$W/$1.mon"; }
 
 # A number from `info migrate`: hmp_value FILE "total time" -> 1234
 hmp_value() { sed -n "s/^$2: \([0-9]*\).*/\1/p" "$1" | head -n 1; }
@@ -33,6 +33,11 @@ scenario_qemu_stock() {
     check_balloon_bound stock any-irq || return 1
     sleep 2
     qemu_start qb -incoming "unix:$W/q.mig" || return 1
+    n=0
+    until [ -S "$W/q.mig" ]; do
+        sleep 0.1; n=$((n + 1))
+        [ $n -lt 300 ] || { fail "the QEMU destination did not listen"; return 1; }
+    done
     USED_MIB=$(guest_used_mib)
     before=$(last_seq)
     hmp qa "migrate_set_parameter max-bandwidth 100G" >/dev/null
@@ -43,7 +48,11 @@ scenario_qemu_stock() {
         grep -q "^Migration status: completed" "$W/info" && break
         grep -q "^Migration status: \(failed\|cancelled\)" "$W/info" && { fail "QEMU migration: $(grep status "$W/info")"; return 1; }
         sleep 0.5; n=$((n + 1))
-        [ $n -lt 600 ] || { fail "QEMU migration did not complete in 300 s"; return 1; }
+        if [ $n -ge 600 ]; then
+            echo "lab-l1: --- info migrate"; cat "$W/info"
+            fail "QEMU migration did not complete in 300 s"
+            return 1
+        fi
     done
     total=$(hmp_value "$W/info" "total time")
     downtime=$(hmp_value "$W/info" "downtime")
