@@ -26,7 +26,7 @@ cd "$root"
 ALL=(boot-pvh boot-bzimage balloon migrate-stock migrate-off migrate-noballoon migrate-hot-2cpu migrate-twice
     init-on-alloc-0 init-on-alloc-1 stock-fragmented ranges-fragmented qemu-stock)
 # Scenarios measured several times (--runs): the side-by-side numbers.
-REPEATED=" migrate-stock migrate-off qemu-stock "
+REPEATED=" migrate-stock migrate-off migrate-twice qemu-stock "
 KVER=${LAB_KERNEL_VERSION:-6.12.117+deb12}
 KFLAVOUR=$KVER-cloud-amd64
 

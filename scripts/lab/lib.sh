@@ -111,14 +111,15 @@ boot_guest() {
     echo "lab-l1: $1 booted in $BOOT_MS ms: $(grep -m1 '^guest: ready' "$W/serial.log")"
 }
 
-# check_integrity SEQ: INTEGRITY=ok once the guest verified its memory again after SEQ (within
-# 60 s) and never printed a failure, INTEGRITY=failed otherwise.
+# check_integrity SEQ: INTEGRITY=ok once the guest verified its memory three more times after
+# SEQ (within 60 s: a guest that stalls after the move fails too) and never printed a failure,
+# INTEGRITY=failed otherwise.
 check_integrity() {
     INTEGRITY=failed
     n=0
     while [ $n -lt 300 ]; do
         s=$(last_seq)
-        [ -n "$s" ] && [ "$s" -gt "${1:-0}" ] && { INTEGRITY=ok; break; }
+        [ -n "$s" ] && [ "$s" -gt $((${1:-0} + 2)) ] && { INTEGRITY=ok; break; }
         sleep 0.2; n=$((n + 1))
     done
     grep -q "verify FAILED" "$W/serial.log" && INTEGRITY=failed

@@ -148,7 +148,8 @@ scenario_migrate_twice() {
     sleep 5
     free_after=$(grep '^guest: meminfo' "$W/serial.log" | tail -n 1 | sed 's/.*free_kib=\([0-9]*\).*/\1/')
     [ "$free_after" -gt $((free_before * 3 / 4)) ] ||
-        { fail "the guest kept its hinted blocks: MemFree $free_before KiB before, $free_after KiB 5 s after"; return 1; }
+        { echo "lab-l1: destination counters: $(remote b counters)"; echo "lab-l1: hints: $(remote b balloon-hints 2>&1)"
+          fail "the guest kept its hinted blocks: MemFree $free_before KiB before, $free_after KiB 5 s after"; return 1; }
     migrate b c "" || return 1
     second=$(json_field "$REPORT" pages_hinted)
     [ "${second:-0}" -gt $((first / 2)) ] ||

@@ -209,3 +209,59 @@ fn unknown_slot_is_an_error() {
     vm.set_dirty_logging(0, true).unwrap();
     vm.remove_user_memory_region(0).unwrap();
 }
+
+#[test]
+fn a_tsc_deadline_timer_survives_a_state_round_trip() {
+    // A guest whose LAPIC timer is in TSC-deadline mode with a deadline armed: restored into
+    // a fresh VM, the deadline must still be armed (a dropped one stalls a tickless guest).
+    const LVT_TIMER: usize = 0x320;
+    const TSC_DEADLINE_MODE: u32 = 2 << 17;
+    let hv = KvmHypervisor::new().expect("/dev/kvm must be usable for these tests");
+    let mut cpuid = hv.supported_cpuid().unwrap();
+    for e in cpuid.iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= 1 << 24; // TSC-deadline
+    }
+    let mem = Mem::new();
+    let with_deadline = |vm: &Arc<dyn Vm>| {
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.set_cpuid(&cpuid).unwrap();
+        vcpu
+    };
+    let vm = vm_with(&mem, false);
+    let vcpu = with_deadline(&vm);
+    let mut state = vcpu.state().unwrap();
+    let lvtt = (0xec | TSC_DEADLINE_MODE).to_le_bytes();
+    for (i, b) in lvtt.iter().enumerate() {
+        state.lapic.regs[LVT_TIMER + i] = *b as _;
+    }
+    let tsc = state
+        .msrs
+        .iter()
+        .find(|(i, _)| *i == 0x10)
+        .map(|(_, v)| *v)
+        .unwrap();
+    let deadline = tsc + (1 << 40);
+    state
+        .msrs
+        .retain(|(i, _)| *i != super::vcpu::MSR_IA32_TSC_DEADLINE);
+    state
+        .msrs
+        .push((super::vcpu::MSR_IA32_TSC_DEADLINE, deadline));
+    vcpu.set_state(&state).unwrap();
+    let armed = |v: &dyn Vcpu| {
+        v.state()
+            .unwrap()
+            .msrs
+            .iter()
+            .find(|(i, _)| *i == super::vcpu::MSR_IA32_TSC_DEADLINE)
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(armed(vcpu.as_ref()), Some(deadline), "set in place");
+
+    let saved = vcpu.state().unwrap();
+    let vm2 = vm_with(&mem, false);
+    let vcpu2 = with_deadline(&vm2);
+    vcpu2.set_state(&saved).unwrap();
+    let restored = armed(vcpu2.as_ref()).unwrap();
+    assert_ne!(restored, 0, "the deadline was dropped by the restore");
+}
