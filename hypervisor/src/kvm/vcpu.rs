@@ -270,10 +270,14 @@ impl Vcpu for KvmVcpu {
         // it only while the LAPIC timer is in TSC-deadline mode: written before the LAPIC it is
         // dropped, the timer stays disarmed and a tickless guest stalls after a restore (seen
         // with Linux in 1 of 4 migrations). So: the other MSRs, the LAPIC, then the deadline.
-        let (deadline, msrs): (Vec<(u32, u64)>, Vec<(u32, u64)>) = state
+        let is_deadline = |(index, _): &&(u32, u64)| *index == MSR_IA32_TSC_DEADLINE;
+        let deadline: Vec<(u32, u64)> = state.msrs.iter().filter(is_deadline).copied().collect();
+        let msrs: Vec<(u32, u64)> = state
             .msrs
             .iter()
-            .partition(|(index, _)| *index == MSR_IA32_TSC_DEADLINE);
+            .filter(|m| !is_deadline(m))
+            .copied()
+            .collect();
         self.set_msrs(&msrs)?;
         self.fd
             .set_lapic(&state.lapic)
