@@ -1,6 +1,7 @@
 //! End to end: the VMM's threads run under their seccomp filters by default, and the API,
-//! the balloon and migration keep working under them (a forbidden call would kill the VMM with
-//! `cloud-hypervisor: seccomp: thread <name> made forbidden syscall <nr>` on standard error).
+//! the balloon and migration keep working under them (a call outside a list is refused with
+//! EPERM and named once on standard error; one that could escape the sandbox kills the VMM with
+//! `cloud-hypervisor: seccomp: thread <name> made forbidden syscall <nr>`).
 
 mod common;
 

@@ -10,8 +10,8 @@
 //!   Libraries make calls the VMM's code never names (glibc's allocator opens
 //!   `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's heap, for one) and
 //!   handle their failure; killing the process there would lose the guest. The first refusal of
-//!   each system call prints one line on standard error, and every refusal is counted
-//!   ([`refused_calls`], shown in `vm.counters`).
+//!   each system call prints one line on standard error (except the library calls in [`QUIET`]),
+//!   and every refusal is counted ([`refused_calls`], shown in `vm.counters`).
 //!
 //! The handler runs in signal context: it only uses atomics, a stack buffer and `write(2)`.
 
@@ -81,6 +81,12 @@ pub const FATAL: &[libc::c_long] = &[
     libc::SYS_setdomainname,
     libc::SYS_personality,
 ];
+
+/// Calls libraries make on their own and handle the refusal of: refused without a line on
+/// standard error (still counted). glibc's allocator opens `/proc/sys/vm/overcommit_memory`
+/// the first time it shrinks a thread's heap, and treats a failure as "overcommit is not
+/// strict".
+const QUIET: &[libc::c_long] = &[libc::SYS_openat];
 
 /// How many calls were refused with `EPERM`, process wide.
 static REFUSED: AtomicU64 = AtomicU64::new(0);
@@ -234,7 +240,7 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *m
         let uc = ctx.cast::<libc::ucontext_t>();
         (*uc).uc_mcontext.gregs[libc::REG_RAX as usize] = -i64::from(libc::EPERM);
     }
-    if first_refusal(nr) {
+    if !QUIET.contains(&nr) && first_refusal(nr) {
         let mut line = Line::start();
         line.push(b": syscall ");
         line.push_number(nr);
