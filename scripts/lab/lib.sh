@@ -27,7 +27,7 @@ result() {
     else
         echo "lab: $1 FAILED $3"
     fi
-    why=$(echo "$3" | sed 's/\\/\\\\/g; s/"/\\"/g')
+    why=$(echo "$3" | tr -d '\000-\037' | sed 's/\\/\\\\/g; s/"/\\"/g')
     echo "LAB-RESULT {\"name\":\"$1\",\"ok\":$2,\"detail\":\"$why\"$4}"
 }
 
@@ -165,7 +165,8 @@ migrate() {
     check_integrity "$before"
     MIGRATION_JSON=",\"total_ms\":$(json_field "$REPORT" total_ms),\"bytes_sent\":$(json_field "$REPORT" bytes_sent)"
     MIGRATION_JSON="$MIGRATION_JSON,\"downtime_ms\":$(json_field "$REPORT" downtime_ms),\"dest_rss_mib\":$DEST_RSS_MIB"
-    MIGRATION_JSON="$MIGRATION_JSON,\"used_mib\":${USED_MIB:-null},\"integrity\":\"$INTEGRITY\",\"report\":$(cat "$REPORT")"
+    MIGRATION_JSON="$MIGRATION_JSON,\"used_mib\":${USED_MIB:-null},\"integrity\":\"$INTEGRITY\""
+    MIGRATION_JSON="$MIGRATION_JSON,\"hints\":$(sed 's/.*"hints":\({[^}]*}\).*/\1/' "$REPORT"),\"report\":$(cat "$REPORT")"
     echo "lab-l1: $1 -> $2: $(cat "$REPORT")"
     [ "$INTEGRITY" = ok ] || { fail "$1 -> $2: the guest did not verify its memory after the migration"; return 1; }
 }

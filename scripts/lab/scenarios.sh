@@ -77,6 +77,8 @@ migration_scenario() {
 scenario_migrate_stock() { migration_scenario 1 "" "" "$BALLOON"; }
 scenario_migrate_off() { migration_scenario 1 ",free_page_hints=off" "" "$BALLOON"; }
 scenario_migrate_noballoon() { migration_scenario 1 "" "" none; }
+# The same workload with the patched driver: free lists walked, nothing allocated or zeroed.
+scenario_migrate_ranges() { migration_scenario 1 "" "lab_balloon=ranges" "$BALLOON" ranges; }
 # Two vCPUs, 16 MiB rewritten continuously during the migration.
 scenario_migrate_hot_2cpu() {
     migration_scenario 2 "" "hot=16" "$BALLOON" || return 1
