@@ -790,16 +790,19 @@ mod tests {
         assert!(b.0[&libc::SYS_ioctl].is_empty());
     }
 
+    /// Whether `parent` allows everything `child` does (a filtered thread's children run under
+    /// both filters).
+    fn covers(parent: &Allow, child: &Allow) -> bool {
+        child.0.iter().all(|(nr, rules)| match parent.0.get(nr) {
+            None => false,
+            Some(p) if p.is_empty() => true,
+            Some(p) => !rules.is_empty() && rules.iter().all(|r| p.contains(r)),
+        })
+    }
+
     #[test]
     fn spawning_threads_inherit_what_they_need() {
         // A filtered parent's list must allow what its children do (filters stack).
-        let covers = |parent: &Allow, child: &Allow| {
-            child.0.iter().all(|(nr, rules)| match parent.0.get(nr) {
-                None => false,
-                Some(p) if p.is_empty() => true,
-                Some(p) => !rules.is_empty() && rules.iter().all(|r| p.contains(r)),
-            })
-        };
         assert!(covers(&vcpu(), &balloon_worker()));
         assert!(covers(&vmm(), &vcpu()));
         assert!(covers(&vmm(), &balloon_worker()));
@@ -1060,13 +1063,6 @@ mod tests {
 
     #[test]
     fn the_migration_receiver_covers_its_threads_and_connects_nowhere() {
-        let covers = |parent: &Allow, child: &Allow| {
-            child.0.iter().all(|(nr, rules)| match parent.0.get(nr) {
-                None => false,
-                Some(p) if p.is_empty() => true,
-                Some(p) => !rules.is_empty() && rules.iter().all(|r| p.contains(r)),
-            })
-        };
         let receiver = migration_receive();
         assert!(covers(&receiver, &vcpu()));
         assert!(covers(&receiver, &balloon_worker()));
