@@ -211,6 +211,7 @@ t_run=$SECONDS
 run_lab() {
     local limit=$((600 + 240 * $#)) raw=$build/console.raw qpid line
     log "booting the lab machine for: $*"
+    : >"$raw"
     timeout -k 10 "$limit" qemu-system-x86_64 -accel tcg,thread=multi -M q35 \
         -cpu max,-erms,-fsrm,-avx,-avx2 -m 6G -smp 2 -nodefaults -no-user-config -display none \
         -serial stdio -no-reboot -kernel "$vmlinuz" -initrd "$l1" \

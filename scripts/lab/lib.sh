@@ -83,10 +83,14 @@ start_vmm() {
     name=$1; shift
     "$CH" --api-socket "$W/$name.sock" "$@" 2>>"$W/$name.err" &
     echo $! >"$W/$name.pid"
+    wait_socket "$W/$name.sock" 20 "$name: the VMM did not open its API socket"
+}
+
+wait_socket() { # wait_socket PATH SECONDS WHY: until PATH is a socket, or fail with WHY
     n=0
-    until [ -S "$W/$name.sock" ]; do
+    until [ -S "$1" ]; do
         sleep 0.1; n=$((n + 1))
-        [ $n -lt 200 ] || { fail "$name: the VMM did not open its API socket"; return 1; }
+        [ $n -lt $(($2 * 10)) ] || { fail "$3"; return 1; }
     done
 }
 
@@ -148,11 +152,7 @@ migrate() {
     start_vmm "$2" || return 1
     remote "$2" receive-migration "unix:$W/$2.mig" >"$W/$2.recv" 2>&1 &
     receiver=$!
-    n=0
-    until [ -S "$W/$2.mig" ]; do
-        sleep 0.1; n=$((n + 1))
-        [ $n -lt 100 ] || { fail "$2: the receiver did not listen"; return 1; }
-    done
+    wait_socket "$W/$2.mig" 10 "$2: the receiver did not listen" || return 1
     USED_MIB=$(guest_used_mib)
     before=$(last_seq)
     REPORT=$W/report-$2.json

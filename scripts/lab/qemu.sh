@@ -13,11 +13,7 @@ qemu_start() {
         -object iothread,id=io1 -device virtio-balloon-pci,free-page-hint=on,iothread=io1,disable-legacy=on \
         -monitor "unix:$W/$name.mon,server,nowait" "$@" 2>>"$W/$name.err" &
     echo $! >"$W/$name.pid"
-    n=0
-    until [ -S "$W/$name.mon" ]; do
-        sleep 0.1; n=$((n + 1))
-        [ $n -lt 300 ] || { fail "$name: QEMU did not open its monitor"; return 1; }
-    done
+    wait_socket "$W/$name.mon" 30 "$name: QEMU did not open its monitor"
 }
 
 hmp() { echo "$2" | /lab/bin/socat -t 5 - "UNIX-CONNECT:$W/$1.mon"; }
@@ -33,11 +29,7 @@ scenario_qemu_stock() {
     check_balloon_bound stock any-irq || return 1
     sleep 2
     qemu_start qb -incoming "unix:$W/q.mig" || return 1
-    n=0
-    until [ -S "$W/q.mig" ]; do
-        sleep 0.1; n=$((n + 1))
-        [ $n -lt 300 ] || { fail "the QEMU destination did not listen"; return 1; }
-    done
+    wait_socket "$W/q.mig" 30 "the QEMU destination did not listen" || return 1
     USED_MIB=$(guest_used_mib)
     before=$(last_seq)
     hmp qa "migrate_set_parameter max-bandwidth 100G" >/dev/null

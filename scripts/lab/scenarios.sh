@@ -118,7 +118,7 @@ scenario_guest_init() {
     lines_before=$(wc -l <"$W/serial.log")
     start_vmm b || return 1
     remote b receive-migration "unix:$W/b.mig" >"$W/b.recv" 2>&1 &
-    until [ -S "$W/b.mig" ]; do sleep 0.1; done
+    wait_socket "$W/b.mig" 10 "the receiver did not listen" || return 1
     REPORT=$W/report-b.json
     remote a send-migration "destination_url=unix:$W/b.mig" >"$REPORT" 2>"$W/send-b.err" ||
         { fail "send-migration: $(cat "$W/send-b.err")"; return 1; }
