@@ -16,13 +16,13 @@
 //! has MSI-X; the configuration is also polled every 20 ms as a fallback (the hint id is only
 //! re-read mid-round after an interrupt, since QEMU shows 0 there while a round runs).
 
+use crate::kernel::{mmio_read32, mmio_write32, rdtsc};
 use crate::mm::{OwnedPages, PfnList};
 use crate::pci::{self, Access};
 use crate::println;
 use crate::smp::irq_counts;
 use crate::time::{ticks_to_us, us_to_ticks};
 use crate::virtio::{self, status, Queue, Transport};
-use crate::kernel::{mmio_read32, mmio_write32, rdtsc};
 use core::sync::atomic::Ordering;
 use guest_core::buddy::{Buddy, MAX_ORDER};
 use guest_core::cmdline::{Config, HintMode};
@@ -95,11 +95,21 @@ impl Balloon {
             None => Access::Conf1,
         };
         let Some(dev) = pci::find(access, 0x1af4, &[0x1045, 0x1002]) else {
-            println!("guest: balloon not found ({})", if cfg.pci_ecam.is_some() { "ecam" } else { "conf1" });
+            println!(
+                "guest: balloon not found ({})",
+                if cfg.pci_ecam.is_some() {
+                    "ecam"
+                } else {
+                    "conf1"
+                }
+            );
             return None;
         };
         let Some(t) = Transport::new(dev) else {
-            println!("guest: balloon {:02x}.{} has no modern virtio capabilities", dev.dev, dev.func);
+            println!(
+                "guest: balloon {:02x}.{} has no modern virtio capabilities",
+                dev.dev, dev.func
+            );
             return None;
         };
         let r = Self::init(cfg, apic_id, t, held, b);
@@ -109,7 +119,13 @@ impl Balloon {
         r
     }
 
-    fn init(cfg: &Config, apic_id: u32, t: Transport, held: PfnList, b: &mut Buddy) -> Option<Balloon> {
+    fn init(
+        cfg: &Config,
+        apic_id: u32,
+        t: Transport,
+        held: PfnList,
+        b: &mut Buddy,
+    ) -> Option<Balloon> {
         if !t.reset() {
             return None;
         }
@@ -121,7 +137,8 @@ impl Balloon {
             t.set_status(status::FAILED);
             return None;
         }
-        let mut want = virtio::F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_HINT | F_REPORTING;
+        let mut want =
+            virtio::F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_HINT | F_REPORTING;
         if cfg.hint == HintMode::Ranges {
             want |= F_HINT_RANGES;
         }
@@ -142,8 +159,16 @@ impl Balloon {
         };
         let inflate = next(b)?;
         let deflate = next(b)?;
-        let stats = if features & F_STATS_VQ != 0 { Some(next(b)?) } else { None };
-        let fpq = if features & F_FREE_PAGE_HINT != 0 { Some(next(b)?) } else { None };
+        let stats = if features & F_STATS_VQ != 0 {
+            Some(next(b)?)
+        } else {
+            None
+        };
+        let fpq = if features & F_FREE_PAGE_HINT != 0 {
+            Some(next(b)?)
+        } else {
+            None
+        };
         if features & F_REPORTING != 0 {
             next(b)?; // set up but unused: this guest does not report free pages
         }
@@ -257,7 +282,12 @@ impl Balloon {
         }
         if self.deflating > 0 && self.deflate.pop_used().is_some() {
             // SAFETY: the deflate buffer in the scratch page holds the PFNs just given back.
-            let pfns = unsafe { core::slice::from_raw_parts((self.scratch + SCR_DEFLATE) as *const u32, self.deflating as usize) };
+            let pfns = unsafe {
+                core::slice::from_raw_parts(
+                    (self.scratch + SCR_DEFLATE) as *const u32,
+                    self.deflating as usize,
+                )
+            };
             for &p in pfns {
                 let _ = b.free(p, 0);
             }
@@ -308,7 +338,8 @@ impl Balloon {
                 got += 1;
             }
             if got > 0 {
-                self.inflate.add(self.scratch + SCR_INFLATE, 4 * got as u32, false, 0);
+                self.inflate
+                    .add(self.scratch + SCR_INFLATE, 4 * got as u32, false, 0);
                 self.inflate.kick();
                 self.inflating = got as u32;
             }
@@ -326,7 +357,8 @@ impl Balloon {
                 self.deflating += 1;
             }
             if self.deflating > 0 {
-                self.deflate.add(self.scratch + SCR_DEFLATE, 4 * self.deflating, false, 0);
+                self.deflate
+                    .add(self.scratch + SCR_DEFLATE, 4 * self.deflating, false, 0);
                 self.deflate.kick();
             }
         }
@@ -336,16 +368,16 @@ impl Balloon {
         let free = b.free_pages() * PAGE_SIZE;
         let total = self.managed * PAGE_SIZE;
         let tags: [(u16, u64); 10] = [
-            (0, 0),     // swap in
-            (1, 0),     // swap out
-            (2, 0),     // major faults
-            (3, 0),     // minor faults
-            (4, free),  // free memory
-            (5, total), // total memory
+            (0, 0),                                                        // swap in
+            (1, 0),                                                        // swap out
+            (2, 0),                                                        // major faults
+            (3, 0),                                                        // minor faults
+            (4, free),                                                     // free memory
+            (5, total),                                                    // total memory
             (6, free + self.held.len() as u64 * (PAGE_SIZE << MAX_ORDER)), // available
-            (7, 0),     // caches
-            (8, 0),     // hugetlb allocations
-            (9, 0),     // hugetlb failures
+            (7, 0),                                                        // caches
+            (8, 0),                                                        // hugetlb allocations
+            (9, 0),                                                        // hugetlb failures
         ];
         let p = (self.scratch + SCR_STATS) as *mut u8;
         for (i, (tag, val)) in tags.iter().enumerate() {
@@ -363,7 +395,9 @@ impl Balloon {
         self.cmd_slot += 1;
         // SAFETY: a 4-byte slot of the scratch page.
         unsafe { core::ptr::write_volatile(a as *mut u32, id.to_le()) };
-        let Some(q) = self.fpq.as_mut() else { return false };
+        let Some(q) = self.fpq.as_mut() else {
+            return false;
+        };
         let ok = q.add(a, 4, false, TOK_CMD);
         q.kick();
         ok
@@ -414,7 +448,12 @@ impl Balloon {
                 break;
             }
             let Some(q) = self.fpq.as_mut() else { break };
-            q.add(pfn as u64 * PAGE_SIZE, (PAGE_SIZE << MAX_ORDER) as u32, true, TOK_BLOCK);
+            q.add(
+                pfn as u64 * PAGE_SIZE,
+                (PAGE_SIZE << MAX_ORDER) as u32,
+                true,
+                TOK_BLOCK,
+            );
             blocks += 1;
             n += 1;
             if n % 16 == 0 {
@@ -423,8 +462,17 @@ impl Balloon {
         }
         let _ = self.wait_fpq(1, b);
         self.send_cmd(CMD_STOP);
-        println!("guest: hint cmd_id={} blocks={} pages={}", id, blocks, blocks << MAX_ORDER);
-        println!("guest: hint_us={} held_blocks={}", ticks_to_us(rdtsc() - t0), self.held.len());
+        println!(
+            "guest: hint cmd_id={} blocks={} pages={}",
+            id,
+            blocks,
+            blocks << MAX_ORDER
+        );
+        println!(
+            "guest: hint_us={} held_blocks={}",
+            ticks_to_us(rdtsc() - t0),
+            self.held.len()
+        );
     }
 
     fn release_held(&mut self, b: &mut Buddy) {
@@ -461,7 +509,10 @@ impl Balloon {
         }
         let _ = self.wait_fpq(1, b);
         self.send_cmd(CMD_STOP);
-        println!("guest: hint cmd_id={} blocks={} pages={}", id, s.ranges, s.pages);
+        println!(
+            "guest: hint cmd_id={} blocks={} pages={}",
+            id, s.ranges, s.pages
+        );
         println!(
             "guest: hint_us={} range_buffers={} buffers_sent={} dropped_ranges={} end={}",
             ticks_to_us(rdtsc() - t0),
@@ -556,13 +607,20 @@ impl RangeSender {
 
     /// Queues the page being filled (if it has entries) and tells the device.
     fn send_current(&mut self, bl: &mut Balloon) {
-        let Some((page, fill)) = self.current.take() else { return };
+        let Some((page, fill)) = self.current.take() else {
+            return;
+        };
         if fill == 0 {
             self.give_back(page);
             return;
         }
         let Some(q) = bl.fpq.as_mut() else { return };
-        if q.add(page as u64 * PAGE_SIZE, 16 * fill, false, TOK_RANGES | page as u64) {
+        if q.add(
+            page as u64 * PAGE_SIZE,
+            16 * fill,
+            false,
+            TOK_RANGES | page as u64,
+        ) {
             q.kick();
             self.sent += 1;
         } else {
@@ -591,7 +649,8 @@ impl RangeSender {
                     self.current = Some((self.free[self.free_len], 0));
                     return;
                 }
-                (bl.fpq.is_none() || (self.free_len == 0 && self.sent == 0)).then_some(RangesEnd::NoBuffer)
+                (bl.fpq.is_none() || (self.free_len == 0 && self.sent == 0))
+                    .then_some(RangesEnd::NoBuffer)
             };
             if let Some(end) = end {
                 self.ended = Some(end);

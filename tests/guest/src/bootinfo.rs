@@ -75,7 +75,11 @@ impl BootInfo {
         let version = rd32(si + 4);
         let cmdline_pa = rd64(si + 24);
         let rsdp = rd64(si + 32);
-        let (memmap, n) = if version >= 1 { (rd64(si + 40), rd32(si + 48) as usize) } else { (0, 0) };
+        let (memmap, n) = if version >= 1 {
+            (rd64(si + 40), rd32(si + 48) as usize)
+        } else {
+            (0, 0)
+        };
         if memmap == 0 || n == 0 {
             return Err(Error::NoMemmap);
         }
@@ -92,12 +96,18 @@ impl BootInfo {
         };
         for i in 0..n {
             let e = memmap + 24 * i as u64;
-            bi.map[i] = Region { addr: rd64(e), size: rd64(e + 8), kind: rd32(e + 16) };
+            bi.map[i] = Region {
+                addr: rd64(e),
+                size: rd64(e + 8),
+                kind: rd32(e + 16),
+            };
         }
         if cmdline_pa != 0 && cmdline_pa + MAX_CMDLINE as u64 <= BOOT_MAPPED {
             while bi.cmdline_len < MAX_CMDLINE - 1 {
                 // SAFETY: inside the boot map (checked above).
-                let b = unsafe { core::ptr::read_volatile((cmdline_pa + bi.cmdline_len as u64) as *const u8) };
+                let b = unsafe {
+                    core::ptr::read_volatile((cmdline_pa + bi.cmdline_len as u64) as *const u8)
+                };
                 if b == 0 {
                     break;
                 }

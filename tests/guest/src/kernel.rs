@@ -9,7 +9,9 @@ use core::arch::asm;
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 
@@ -17,7 +19,9 @@ pub fn inb(port: u16) -> u8 {
 #[inline(always)]
 pub fn outb(port: u16, v: u8) {
     // SAFETY: as above.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads a dword from an I/O port.
@@ -25,7 +29,9 @@ pub fn outb(port: u16, v: u8) {
 pub fn inl(port: u16) -> u32 {
     let v: u32;
     // SAFETY: as above.
-    unsafe { asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 
@@ -33,7 +39,9 @@ pub fn inl(port: u16) -> u32 {
 #[inline(always)]
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as above.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads the time stamp counter (native at CPL3).
@@ -41,7 +49,9 @@ pub fn outl(port: u16, v: u32) {
 pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: rdtsc has no side effects.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     ((hi as u64) << 32) | lo as u64
 }
 
@@ -165,7 +175,9 @@ pub fn exit(code: u8) -> ! {
 pub fn inw(port: u16) -> u16 {
     let v: u16;
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe { asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 
@@ -173,7 +185,9 @@ pub fn inw(port: u16) -> u16 {
 #[inline(always)]
 pub fn outw(port: u16, v: u16) {
     // SAFETY: as above.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Volatile 64-bit MMIO write (as two 32-bit writes, low first).

@@ -39,14 +39,25 @@ fn bsp_main(start_info: u64) -> ! {
     println!("guest: boot (cpl3)");
     let bi = match bootinfo::BootInfo::parse(start_info) {
         Ok(bi) => bi,
-        Err(bootinfo::Error::BadMagic(m)) => fail(format_args!("bad hvm_start_info magic {:#x}", m)),
+        Err(bootinfo::Error::BadMagic(m)) => {
+            fail(format_args!("bad hvm_start_info magic {:#x}", m))
+        }
         Err(bootinfo::Error::NoMemmap) => fail(format_args!("no memory map in hvm_start_info")),
-        Err(bootinfo::Error::Unmapped(a)) => fail(format_args!("boot data at {:#x} outside the first GiB", a)),
+        Err(bootinfo::Error::Unmapped(a)) => {
+            fail(format_args!("boot data at {:#x} outside the first GiB", a))
+        }
     };
-    let cfg = Config::parse_with(bi.cmdline(), |k, v| println!("guest: warning bad value {}={}", k, v));
+    let cfg = Config::parse_with(bi.cmdline(), |k, v| {
+        println!("guest: warning bad value {}={}", k, v)
+    });
     println!("guest: cmdline \"{}\"", bi.cmdline());
     for r in &bi.map[..bi.entries] {
-        println!("guest: memmap {:#012x}-{:#012x} type {}", r.addr, r.end(), r.kind);
+        println!(
+            "guest: memmap {:#012x}-{:#012x} type {}",
+            r.addr,
+            r.end(),
+            r.kind
+        );
     }
     let ecam = cfg.pci_ecam.map(|a| (a, 256u64 << 20));
     let mapped = paging::map_all(&bi, ecam.as_slice());
@@ -54,7 +65,12 @@ fn bsp_main(start_info: u64) -> ! {
         println!("guest: warning RAM above {:#x} not used", mapped.end);
     }
     let cal = time::calibrate();
-    println!("guest: tsc {} kHz ({}; pit {} kHz)", cal.hz / 1000, cal.source, cal.pit_hz.unwrap_or(0) / 1000);
+    println!(
+        "guest: tsc {} kHz ({}; pit {} kHz)",
+        cal.hz / 1000,
+        cal.source,
+        cal.pit_hz.unwrap_or(0) / 1000
+    );
 
     // memory: carve metadata, then the allocator over the rest
     let max_pfn = bi.ram_end().min(mapped.end) / PAGE_SIZE;
@@ -62,15 +78,19 @@ fn bsp_main(start_info: u64) -> ! {
     let live_cap = (cfg.used_mib * 256 + cfg.fragment_mib * 128).min(ram_pages) as usize;
     let hot_cap = (cfg.hot_mib * 256).min(ram_pages) as usize;
     let hint_cap = (ram_pages >> 10) as usize + 16;
-    let need = mm::buddy_metadata_bytes(max_pfn) + 4 * (live_cap + hot_cap + hint_cap) as u64 + 4096;
+    let need =
+        mm::buddy_metadata_bytes(max_pfn) + 4 * (live_cap + hot_cap + hint_cap) as u64 + 4096;
     let Some(mut carve) = mm::Carve::find(&bi, need, max_pfn * PAGE_SIZE) else {
         fail(format_args!("no room for {} bytes of metadata", need))
     };
     let Some(mut buddy) = mm::build_allocator(&bi, &mut carve, max_pfn) else {
         fail(format_args!("allocator setup failed"))
     };
-    let (Some(live), Some(hot), Some(hint_list)) = (carve.list(live_cap), carve.list(hot_cap), carve.list(hint_cap))
-    else {
+    let (Some(live), Some(hot), Some(hint_list)) = (
+        carve.list(live_cap),
+        carve.list(hot_cap),
+        carve.list(hint_cap),
+    ) else {
         fail(format_args!("metadata carve too small"))
     };
     println!(
@@ -98,7 +118,10 @@ fn bsp_main(start_info: u64) -> ! {
             mp.pointer
         );
         if mp.bsp_apic_id.is_some_and(|b| b as u32 != apic_id) {
-            println!("guest: warning MP table BSP apic id differs from ours ({})", apic_id);
+            println!(
+                "guest: warning MP table BSP apic id differs from ours ({})",
+                apic_id
+            );
         }
         mp.count
     } else {
@@ -109,10 +132,20 @@ fn bsp_main(start_info: u64) -> ! {
 
     // workload
     let t_work = kernel::rdtsc();
-    let w = workload::setup(&mut buddy, cfg.used_mib, cfg.fragment_mib, cfg.hot_mib, cfg.dirty_mib, live, hot);
+    let w = workload::setup(
+        &mut buddy,
+        cfg.used_mib,
+        cfg.fragment_mib,
+        cfg.hot_mib,
+        cfg.dirty_mib,
+        live,
+        hot,
+    );
     w.share_hot();
     if let Some(&p) = w.live.as_slice().last() {
-        SELFTEST_PAGE.0.store(p as u64 * PAGE_SIZE, Ordering::Relaxed);
+        SELFTEST_PAGE
+            .0
+            .store(p as u64 * PAGE_SIZE, Ordering::Relaxed);
     }
     if cpus > 1 && w.hot.len() > 0 {
         workload::HOT_ON_AP.store(true, Ordering::Release);
@@ -133,7 +166,11 @@ fn bsp_main(start_info: u64) -> ! {
         cpus,
         cfg.hint.name()
     );
-    println!("guest: ready used_pages={} free_pages={}", w.held_pages(), buddy.free_pages());
+    println!(
+        "guest: ready used_pages={} free_pages={}",
+        w.held_pages(),
+        buddy.free_pages()
+    );
 
     let power_off = cfg.poweroff_after.and_then(|_| find_power_off(&bi));
     main_loop(&cfg, &w, &mut buddy, &mut dev, power_off)
@@ -191,7 +228,11 @@ fn main_loop(
                 );
             }
             if seq == 1 || seq.is_multiple_of(64) {
-                println!("guest: verify_us={} hot_gen={}", us, workload::HOT_GEN.load(Ordering::Relaxed));
+                println!(
+                    "guest: verify_us={} hot_gen={}",
+                    us,
+                    workload::HOT_GEN.load(Ordering::Relaxed)
+                );
             }
             next = t0 + period;
             if seq == 3 {
@@ -203,7 +244,9 @@ fn main_loop(
                         println!("guest: poweroff port={:#x} value={:#x}", p.port, p.value);
                         kernel::outb(p.port, p.value);
                     }
-                    None => println!("guest: poweroff failed (no ACPI sleep control register or \\_S5)"),
+                    None => {
+                        println!("guest: poweroff failed (no ACPI sleep control register or \\_S5)")
+                    }
                 }
             }
         }
@@ -252,7 +295,10 @@ fn selftest(what: guest_core::cmdline::SelfTest) {
             smp::self_ipi(v as u8);
             time::delay_us(10_000);
             let after = smp::irq_counts[v].load(Ordering::Relaxed);
-            println!("guest: selftest irq vector={:#x} count {} -> {}", v, before, after);
+            println!(
+                "guest: selftest irq vector={:#x} count {} -> {}",
+                v, before, after
+            );
         }
         SelfTest::Corrupt => {
             if let Some(p) = SELFTEST_PAGE.get() {
@@ -352,7 +398,10 @@ pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
-        let (x, y) = (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i)));
+        let (x, y) = (
+            core::ptr::read_volatile(a.add(i)),
+            core::ptr::read_volatile(b.add(i)),
+        );
         if x != y {
             return x as i32 - y as i32;
         }

@@ -75,7 +75,11 @@ impl Carve {
         bi.ram()
             .map(|(s, e)| (s.max(lo), e.min(limit)))
             .find(|(s, e)| e > s && e - s >= need)
-            .map(|(s, _)| Carve { start: s, next: s, end: s + need })
+            .map(|(s, _)| Carve {
+                start: s,
+                next: s,
+                end: s + need,
+            })
     }
 
     /// Takes `bytes` (rounded up to 64) and returns its address.
@@ -99,7 +103,11 @@ impl Carve {
     /// A [`PfnList`] of capacity `n`.
     pub fn list(&mut self, n: usize) -> Option<PfnList> {
         let a = self.take(n as u64 * 4)?;
-        Some(PfnList { ptr: a as *mut u32, len: 0, cap: n })
+        Some(PfnList {
+            ptr: a as *mut u32,
+            len: 0,
+            cap: n,
+        })
     }
 
     /// One past the carved area (page aligned).

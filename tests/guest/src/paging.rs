@@ -7,7 +7,7 @@
 //! below 4 GiB (the MMIO hole: PCI windows, ECAM, IOAPIC, LAPIC) is uncached (PCD|PWT), as are
 //! extra MMIO windows the caller names (e.g. an ECAM above 4 GiB).
 
-use crate::boot::{boot_pds, boot_pdpt, NR_PDS};
+use crate::boot::{boot_pdpt, boot_pds, NR_PDS};
 use crate::bootinfo::BootInfo;
 use crate::kernel::{flush_tlb, kernel_write64};
 
@@ -53,11 +53,19 @@ pub fn map_all(bi: &BootInfo, mmio: &[(u64, u64)]) -> Mapped {
         if any {
             let pd_pa = pd.as_ptr() as u64;
             // SAFETY: a PDPT entry of an unused GiB, pointing to a fully built PD.
-            unsafe { kernel_write64(core::ptr::addr_of_mut!(boot_pdpt[g as usize]) as u64, pd_pa | 7) };
+            unsafe {
+                kernel_write64(
+                    core::ptr::addr_of_mut!(boot_pdpt[g as usize]) as u64,
+                    pd_pa | 7,
+                )
+            };
         }
     }
     flush_tlb();
-    Mapped { end: gibs * GIB, truncated: top > gibs * GIB && ram_end > gibs * GIB }
+    Mapped {
+        end: gibs * GIB,
+        truncated: top > gibs * GIB && ram_end > gibs * GIB,
+    }
 }
 
 /// Extra page-table pages for MMIO mapped after boot (BARs outside the mapped range).
@@ -76,7 +84,11 @@ fn entry(table: u64, i: u64) -> u64 {
 fn next_table(table: u64, i: u64) -> Option<u64> {
     let e = entry(table, i);
     if e & 1 != 0 {
-        return if e & 0x80 != 0 { None } else { Some(e & 0x000f_ffff_ffff_f000) };
+        return if e & 0x80 != 0 {
+            None
+        } else {
+            Some(e & 0x000f_ffff_ffff_f000)
+        };
     }
     // SAFETY: BSP-only, during setup.
     unsafe {
@@ -97,8 +109,12 @@ pub fn map_mmio(addr: u64, len: u64) -> bool {
     let mut a = addr & !(MIB2 - 1);
     while a < addr + len {
         let (i4, i3, i2) = ((a >> 39) & 511, (a >> 30) & 511, (a >> 21) & 511);
-        let Some(pdpt) = next_table(pml4, i4) else { return false };
-        let Some(pd) = next_table(pdpt, i3) else { return false };
+        let Some(pdpt) = next_table(pml4, i4) else {
+            return false;
+        };
+        let Some(pd) = next_table(pdpt, i3) else {
+            return false;
+        };
         if entry(pd, i2) & 1 == 0 {
             // SAFETY: a not-present PDE of the identity map becomes an uncached 2 MiB page.
             unsafe { kernel_write64(pd + 8 * i2, a | UC) };

@@ -5,7 +5,9 @@
 //! window `0xC000_0000..0xE000_0000`; BARs that already hold an address (our VMM pre-assigns)
 //! are kept. Every BAR used is mapped uncached (`paging::map_mmio`).
 
-use crate::kernel::{inl, inw, mmio_read32, mmio_write16, mmio_write32, outl, outw, mmio_read16, inb, mmio_read8};
+use crate::kernel::{
+    inb, inl, inw, mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, outl, outw,
+};
 
 /// How configuration space is reached.
 #[derive(Clone, Copy)]
@@ -49,7 +51,9 @@ impl Device {
                 inl(0xcfc)
             }
             // SAFETY: the ECAM window is mapped uncached.
-            Access::Ecam(b) => unsafe { mmio_read32(Self::ecam_addr(b, self.dev, self.func, off & !3)) },
+            Access::Ecam(b) => unsafe {
+                mmio_read32(Self::ecam_addr(b, self.dev, self.func, off & !3))
+            },
         }
     }
 
@@ -61,7 +65,9 @@ impl Device {
                 inw(0xcfc + (off & 2))
             }
             // SAFETY: as read32.
-            Access::Ecam(b) => unsafe { mmio_read16(Self::ecam_addr(b, self.dev, self.func, off & !1)) },
+            Access::Ecam(b) => unsafe {
+                mmio_read16(Self::ecam_addr(b, self.dev, self.func, off & !1))
+            },
         }
     }
 
@@ -85,7 +91,9 @@ impl Device {
                 outl(0xcfc, v)
             }
             // SAFETY: as read32.
-            Access::Ecam(b) => unsafe { mmio_write32(Self::ecam_addr(b, self.dev, self.func, off & !3), v) },
+            Access::Ecam(b) => unsafe {
+                mmio_write32(Self::ecam_addr(b, self.dev, self.func, off & !3), v)
+            },
         }
     }
 
@@ -97,7 +105,9 @@ impl Device {
                 outw(0xcfc + (off & 2), v)
             }
             // SAFETY: as read32.
-            Access::Ecam(b) => unsafe { mmio_write16(Self::ecam_addr(b, self.dev, self.func, off & !1), v) },
+            Access::Ecam(b) => unsafe {
+                mmio_write16(Self::ecam_addr(b, self.dev, self.func, off & !1), v)
+            },
         }
     }
 
@@ -132,7 +142,11 @@ impl Device {
             return None;
         }
         let is64 = (lo >> 1) & 3 == 2;
-        let hi = if is64 && i < 5 { self.read32(off + 4) } else { 0 };
+        let hi = if is64 && i < 5 {
+            self.read32(off + 4)
+        } else {
+            0
+        };
         // size it (memory decoding off meanwhile)
         let cmd = self.read16(4);
         self.write16(4, cmd & !2);
@@ -181,7 +195,11 @@ impl Device {
 /// Scans bus 0 for a function with `vendor` and one of `devices`.
 pub fn find(access: Access, vendor: u16, devices: &[u16]) -> Option<Device> {
     for dev in 0..32u8 {
-        let d0 = Device { access, dev, func: 0 };
+        let d0 = Device {
+            access,
+            dev,
+            func: 0,
+        };
         let (v, _) = d0.ids();
         if v == 0xffff || v == 0 {
             continue;

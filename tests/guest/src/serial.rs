@@ -45,7 +45,10 @@ fn put_byte(b: u8) {
 
 fn lock(force_after: Option<u32>) {
     let mut spins = 0u32;
-    while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
         spins += 1;
         if force_after.is_some_and(|n| spins > n) {
             return;

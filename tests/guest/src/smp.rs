@@ -72,17 +72,28 @@ pub fn acpi_cpu_count(bi: &BootInfo, mapped_end: u64) -> Option<u32> {
         let mut v = 0u64;
         for i in 0..n {
             // SAFETY: callers checked `ok` for the range.
-            v |= (unsafe { core::ptr::read_volatile((a + i as u64) as *const u8) } as u64) << (8 * i);
+            v |= (unsafe { core::ptr::read_volatile((a + i as u64) as *const u8) } as u64)
+                << (8 * i);
         }
         v
     };
-    let sig = |a: u64, s: &[u8]| s.iter().enumerate().all(|(i, &c)| rd(a + i as u64, 1) as u8 == c);
+    let sig = |a: u64, s: &[u8]| {
+        s.iter()
+            .enumerate()
+            .all(|(i, &c)| rd(a + i as u64, 1) as u8 == c)
+    };
     let mut rsdp = bi.rsdp;
     if !ok(rsdp, 36) || !sig(rsdp, b"RSD PTR ") {
-        rsdp = (0xe0000..0x100000u64).step_by(16).find(|&a| sig(a, b"RSD PTR "))?;
+        rsdp = (0xe0000..0x100000u64)
+            .step_by(16)
+            .find(|&a| sig(a, b"RSD PTR "))?;
     }
     let rev = rd(rsdp + 15, 1);
-    let (root, entry) = if rev >= 2 && rd(rsdp + 24, 8) != 0 { (rd(rsdp + 24, 8), 8) } else { (rd(rsdp + 16, 4), 4) };
+    let (root, entry) = if rev >= 2 && rd(rsdp + 24, 8) != 0 {
+        (rd(rsdp + 24, 8), 8)
+    } else {
+        (rd(rsdp + 16, 4), 4)
+    };
     if !ok(root, 36) {
         return None;
     }
@@ -145,7 +156,10 @@ pub fn start_aps(bi: &BootInfo, want: u32) -> u32 {
         return 1;
     }
     if !bi.is_ram(TRAMP_BASE, TRAMP_BASE + 4096) {
-        println!("guest: ap start failed (no RAM at trampoline {:#x})", TRAMP_BASE);
+        println!(
+            "guest: ap start failed (no RAM at trampoline {:#x})",
+            TRAMP_BASE
+        );
         return 1;
     }
     // SAFETY: copies the trampoline code into low RAM, which nothing else uses after boot.
@@ -168,7 +182,12 @@ pub fn start_aps(bi: &BootInfo, want: u32) -> u32 {
     let online = APS_ONLINE.load(Ordering::Acquire);
     let ms = crate::time::ticks_to_us(rdtsc() - t0) / 1000;
     if online < want - 1 {
-        println!("guest: ap start failed (wanted {} cpus, {} online after {} ms)", want, online + 1, ms);
+        println!(
+            "guest: ap start failed (wanted {} cpus, {} online after {} ms)",
+            want,
+            online + 1,
+            ms
+        );
     } else {
         println!("guest: cpus online={} ap_start_ms={}", online + 1, ms);
     }

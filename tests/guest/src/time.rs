@@ -89,7 +89,11 @@ pub fn calibrate() -> Calibration {
         (Some(_), Some(p)) | (None, Some(p)) => (p, "pit"),
         (Some((c, s)), None) => (c, s),
         (None, None) => {
-            let mhz = if cpuid(0, 0)[0] >= 0x16 { cpuid(0x16, 0)[0] as u64 } else { 0 };
+            let mhz = if cpuid(0, 0)[0] >= 0x16 {
+                cpuid(0x16, 0)[0] as u64
+            } else {
+                0
+            };
             if mhz > 0 {
                 (mhz * 1_000_000, "cpuid 0x16")
             } else {
@@ -98,7 +102,11 @@ pub fn calibrate() -> Calibration {
         }
     };
     TSC_HZ.store(hz.max(1_000_000), Ordering::Relaxed);
-    Calibration { hz, source, pit_hz: pit }
+    Calibration {
+        hz,
+        source,
+        pit_hz: pit,
+    }
 }
 
 /// TSC ticks per second.

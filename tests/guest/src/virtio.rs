@@ -4,7 +4,9 @@
 //! Memory for rings comes from the page allocator; descriptors carry guest-physical addresses
 //! (identity map). Used rings are polled (the avail ring asks for no interrupts).
 
-use crate::kernel::{mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, mmio_write64, mmio_write8};
+use crate::kernel::{
+    mmio_read16, mmio_read32, mmio_read8, mmio_write16, mmio_write32, mmio_write64, mmio_write8,
+};
 use crate::pci::Device;
 use core::sync::atomic::{fence, Ordering};
 use guest_core::buddy::Buddy;
@@ -58,7 +60,11 @@ impl Transport {
                 let ctrl = pci.read16(p + 2);
                 let t = pci.read32(p + 4);
                 if let Some(bar) = pci.bar((t & 7) as u8) {
-                    msix = Some(Msix { cap: p, table: bar + (t & !7) as u64, size: (ctrl & 0x7ff) + 1 });
+                    msix = Some(Msix {
+                        cap: p,
+                        table: bar + (t & !7) as u64,
+                        size: (ctrl & 0x7ff) + 1,
+                    });
                 }
             }
             if id != 9 {
@@ -80,7 +86,14 @@ impl Transport {
         });
         // memory decoding and bus mastering on, INTx off
         pci.write16(4, pci.read16(4) | 0x0406);
-        Some(Transport { pci, common: common?, notify: notify?, notify_mul: mul, device: device?, msix })
+        Some(Transport {
+            pci,
+            common: common?,
+            notify: notify?,
+            notify_mul: mul,
+            device: device?,
+            msix,
+        })
     }
 
     fn c8(&self, off: u64) -> u8 {

@@ -48,8 +48,15 @@ fn gpa(pfn: u32) -> u64 {
 }
 
 /// Allocates and fills the workload. `live`/`hot` are empty lists with enough capacity.
-pub fn setup(b: &mut Buddy, used_mib: u64, fragment_mib: u64, hot_mib: u64, dirty_mib: u64,
-             mut live: PfnList, mut hot: PfnList) -> Workload {
+pub fn setup(
+    b: &mut Buddy,
+    used_mib: u64,
+    fragment_mib: u64,
+    hot_mib: u64,
+    dirty_mib: u64,
+    mut live: PfnList,
+    mut hot: PfnList,
+) -> Workload {
     // used: order-0 pages, like anonymous memory of a process
     let mut used_pages = 0;
     for _ in 0..used_mib * 256 {
@@ -62,14 +69,19 @@ pub fn setup(b: &mut Buddy, used_mib: u64, fragment_mib: u64, hot_mib: u64, dirt
         used_pages += 1;
     }
     if used_pages < used_mib * 256 {
-        println!("guest: warning used={}MiB: only {} pages available", used_mib, used_pages);
+        println!(
+            "guest: warning used={}MiB: only {} pages available",
+            used_mib, used_pages
+        );
     }
     // fragment: 64 KiB pieces, all written; then every other piece is freed. The freed pieces
     // are chained through their first word until then.
     let mut chain = u32::MAX;
     let mut kept = 0u64;
     for i in 0..fragment_mib * 16 {
-        let Some(pfn) = b.alloc(FRAG_ORDER) else { break };
+        let Some(pfn) = b.alloc(FRAG_ORDER) else {
+            break;
+        };
         if i % 2 == 0 {
             let mut ok = true;
             for p in pfn..pfn + (1 << FRAG_ORDER) {
@@ -118,7 +130,13 @@ pub fn setup(b: &mut Buddy, used_mib: u64, fragment_mib: u64, hot_mib: u64, dirt
         let _ = b.free(chain, 0);
         chain = next;
     }
-    Workload { live, hot, used_pages, fragment_kept: kept, dirty_pages }
+    Workload {
+        live,
+        hot,
+        used_pages,
+        fragment_kept: kept,
+        dirty_pages,
+    }
 }
 
 impl Workload {
@@ -172,7 +190,10 @@ static QLOCK: AtomicU32 = AtomicU32::new(0);
 static mut QUEUE: [Option<HotFailure>; MAX_REPORTED] = [None; MAX_REPORTED];
 
 fn queue_failure(f: HotFailure) {
-    while QLOCK.compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+    while QLOCK
+        .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
         core::hint::spin_loop();
     }
     // SAFETY: QUEUE is only accessed under QLOCK.
@@ -185,7 +206,10 @@ fn queue_failure(f: HotFailure) {
 
 /// Takes the queued hot failures.
 pub fn drain_hot_failures(mut f: impl FnMut(HotFailure)) {
-    while QLOCK.compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+    while QLOCK
+        .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
         core::hint::spin_loop();
     }
     // SAFETY: under QLOCK.
@@ -213,7 +237,11 @@ pub fn hot_pass() -> usize {
         let p = page(pfn);
         if let Err(m) = pattern::check(p, gpa(pfn), prev) {
             HOT_FAILS.fetch_add(1, Ordering::Relaxed);
-            queue_failure(HotFailure { gpa: gpa(pfn), gen: prev, m });
+            queue_failure(HotFailure {
+                gpa: gpa(pfn),
+                gen: prev,
+                m,
+            });
         }
         pattern::fill(p, gpa(pfn), gen);
     }

@@ -133,7 +133,11 @@ impl Map {
         let mut i = lo;
         while i < hi {
             let n = (64 - (i & 63)).min(hi - i);
-            let mask = if n == 64 { !0 } else { ((1u64 << n) - 1) << (i & 63) };
+            let mask = if n == 64 {
+                !0
+            } else {
+                ((1u64 << n) - 1) << (i & 63)
+            };
             if w[self.off[0] + (i >> 6) as usize] & mask != 0 {
                 return true;
             }
@@ -150,7 +154,11 @@ fn layout(base_pfn: u32, pages: u32) -> ([Map; NR_ORDERS], usize) {
     let (lo, hi) = (base_pfn as u64, base_pfn as u64 + pages as u64);
     for (o, m) in maps.iter_mut().enumerate() {
         m.first = lo >> o;
-        m.nbits = if pages == 0 { 0 } else { ((hi - 1) >> o) - m.first + 1 };
+        m.nbits = if pages == 0 {
+            0
+        } else {
+            ((hi - 1) >> o) - m.first + 1
+        };
         let mut bits = m.nbits as usize;
         loop {
             let words = bits.div_ceil(64);
@@ -337,7 +345,9 @@ impl<'a> Buddy<'a> {
             };
             let m = &self.maps[o];
             let bit = next[o].map_or(0, |(b, _)| b);
-            next[o] = m.next_set(self.bits, bit + 1).map(|b| (b, (m.first + b) << o));
+            next[o] = m
+                .next_set(self.bits, bit + 1)
+                .map(|b| (b, (m.first + b) << o));
         }
         if let Some((start, len)) = run {
             f(start as u32, len);
@@ -352,7 +362,11 @@ impl<'a> Buddy<'a> {
         for (o, m) in self.maps.iter().enumerate() {
             // summaries: bit j of level l+1 set iff word j of level l is non-zero; no stray bits
             for l in 0..m.levels {
-                let bits_here = if l == 0 { m.nbits } else { m.words[l - 1] as u64 };
+                let bits_here = if l == 0 {
+                    m.nbits
+                } else {
+                    m.words[l - 1] as u64
+                };
                 for j in 0..m.words[l] {
                     let word = w[m.off[l] + j];
                     let valid = bits_here - 64 * j as u64;
@@ -386,7 +400,10 @@ impl<'a> Buddy<'a> {
                 count += 1;
                 next = m.next_set(w, bit + 1);
             }
-            let pop: u64 = w[m.off[0]..m.off[0] + m.words[0]].iter().map(|x| x.count_ones() as u64).sum();
+            let pop: u64 = w[m.off[0]..m.off[0] + m.words[0]]
+                .iter()
+                .map(|x| x.count_ones() as u64)
+                .sum();
             if pop != count {
                 return Err("bitmap walk misses set bits");
             }
@@ -521,10 +538,13 @@ mod tests {
                     blocks.push((pfn, order));
                 }
                 None => {
-                    if b.alloc(0).map(|p| {
-                        assert!(owned.insert(p));
-                        blocks.push((p, 0));
-                    }).is_none() {
+                    if b.alloc(0)
+                        .map(|p| {
+                            assert!(owned.insert(p));
+                            blocks.push((p, 0));
+                        })
+                        .is_none()
+                    {
                         break;
                     }
                 }
@@ -556,8 +576,16 @@ mod tests {
         let c = b.alloc(0).unwrap();
         b.free(a, 3).unwrap();
         assert_eq!(b.free(a, 3), Err(Error::DoubleFree));
-        assert_eq!(b.free(a + 1, 0), Err(Error::DoubleFree), "page inside a free block");
-        assert_eq!(b.free(c & !7, 3), Err(Error::DoubleFree), "block holding smaller free blocks");
+        assert_eq!(
+            b.free(a + 1, 0),
+            Err(Error::DoubleFree),
+            "page inside a free block"
+        );
+        assert_eq!(
+            b.free(c & !7, 3),
+            Err(Error::DoubleFree),
+            "block holding smaller free blocks"
+        );
         assert_eq!(b.free(5, 1), Err(Error::BadOrder));
         assert_eq!(b.free(0, 11), Err(Error::BadOrder));
         assert_eq!(b.free(4096, 0), Err(Error::OutOfRange));
@@ -608,7 +636,11 @@ mod tests {
         for o in 5..=MAX_ORDER {
             assert_eq!(b.free_blocks(o), 0);
         }
-        assert_eq!(b.alloc(MAX_ORDER), None, "no 4 MiB block although half is free");
+        assert_eq!(
+            b.alloc(MAX_ORDER),
+            None,
+            "no 4 MiB block although half is free"
+        );
         // ranges: one per free 64 KiB piece, none merged
         let mut ranges = 0;
         b.for_each_free_range(|pfn, len| {
@@ -645,7 +677,10 @@ mod tests {
         let mut from_ranges = HashSet::new();
         let mut last_end = 0u64;
         b.for_each_free_range(|p, len| {
-            assert!(p as u64 > last_end || last_end == 0, "ranges sorted and not adjacent");
+            assert!(
+                p as u64 > last_end || last_end == 0,
+                "ranges sorted and not adjacent"
+            );
             last_end = p as u64 + len;
             from_ranges.extend(p..p + len as u32);
         });
@@ -656,9 +691,15 @@ mod tests {
     #[test]
     fn bad_arrays_rejected() {
         let mut w = vec![0u64; Buddy::metadata_words(0, 10_000) - 1];
-        assert!(Buddy::new(&mut w, 0, 10_000).is_none(), "metadata too short");
+        assert!(
+            Buddy::new(&mut w, 0, 10_000).is_none(),
+            "metadata too short"
+        );
         let mut w = vec![0u64; 1];
-        assert!(Buddy::new(&mut w, u32::MAX - 10, 10).is_none(), "PFNs past 32 bits");
+        assert!(
+            Buddy::new(&mut w, u32::MAX - 10, 10).is_none(),
+            "PFNs past 32 bits"
+        );
         // longer than needed is fine; only the needed prefix is used
         let mut w = vec![7u64; Buddy::metadata_words(0, 10_000) + 5];
         let b = Buddy::new(&mut w, 0, 10_000).unwrap();
@@ -700,7 +741,10 @@ mod tests {
         for _ in 0..2000 {
             let bit = rng.below(m.nbits);
             if rng.below(3) == 0 && !set.is_empty() {
-                let x = *set.iter().nth(rng.below(set.len() as u64) as usize).unwrap();
+                let x = *set
+                    .iter()
+                    .nth(rng.below(set.len() as u64) as usize)
+                    .unwrap();
                 m.clear(&mut w, x);
                 set.remove(&x);
             } else if set.insert(bit) {
@@ -713,7 +757,10 @@ mod tests {
         for &x in set.clone().iter() {
             m.clear(&mut w, x);
         }
-        assert!(w.iter().all(|&x| x == 0), "summaries cleared with their words");
+        assert!(
+            w.iter().all(|&x| x == 0),
+            "summaries cleared with their words"
+        );
         m.set(&mut w, m.nbits - 1);
         assert_eq!(m.next_set(&w, 0), Some(m.nbits - 1));
         assert_eq!(m.next_set(&w, m.nbits), None);
@@ -750,7 +797,10 @@ mod tests {
     fn randomized(seed: u64, base: u32, n: u32, holes: &[(u32, u32)], steps: usize) {
         let mut w = words(base, n as usize);
         let mut b = Buddy::new(&mut w, base, n).unwrap();
-        let mut m = Model { free: BTreeSet::new(), owned: BTreeMap::new() };
+        let mut m = Model {
+            free: BTreeSet::new(),
+            owned: BTreeMap::new(),
+        };
         // managed: the range minus the holes
         let mut start = base;
         for &(hs, he) in holes.iter().chain([(base + n, base + n)].iter()) {
@@ -774,7 +824,10 @@ mod tests {
                     Some(p) => {
                         assert_eq!(p & ((1 << order) - 1), 0, "alignment");
                         for q in p..p + (1 << order) {
-                            assert!(m.free.remove(&q), "step {step}: frame {q} handed out but not free");
+                            assert!(
+                                m.free.remove(&q),
+                                "step {step}: frame {q} handed out but not free"
+                            );
                         }
                         m.owned.insert(p, order);
                     }
@@ -794,8 +847,16 @@ mod tests {
                 let (&p, &o) = m.owned.iter().nth(k).unwrap();
                 if rng.below(20) == 0 {
                     // deliberate misuse: refused, nothing changes
-                    if o < MAX_ORDER && p & ((2 << o) - 1) == 0 && p + (2 << o) <= base + n && m.free.contains(&(p + (1 << o))) {
-                        assert_eq!(b.free(p, o + 1), Err(Error::DoubleFree), "overlaps a free buddy");
+                    if o < MAX_ORDER
+                        && p & ((2 << o) - 1) == 0
+                        && p + (2 << o) <= base + n
+                        && m.free.contains(&(p + (1 << o)))
+                    {
+                        assert_eq!(
+                            b.free(p, o + 1),
+                            Err(Error::DoubleFree),
+                            "overlaps a free buddy"
+                        );
                     }
                     if let Some(&f) = m.free.iter().next() {
                         assert_eq!(b.free(f, 0), Err(Error::DoubleFree));
@@ -805,7 +866,11 @@ mod tests {
                 m.owned.remove(&p);
                 m.free.extend(p..p + (1 << o));
             }
-            assert_eq!(b.free_pages(), m.free.len() as u64, "step {step}: free count");
+            assert_eq!(
+                b.free_pages(),
+                m.free.len() as u64,
+                "step {step}: free count"
+            );
             if step % 16 == 0 || step + 1 == steps {
                 b.check().unwrap_or_else(|e| panic!("step {step}: {e}"));
                 assert_eq!(ranges_of(&b), m.runs(), "step {step}: range walk");
@@ -838,7 +903,11 @@ mod tests {
             fresh.add_free_range(s, s + l as u32).unwrap();
         }
         for o in 0..NR_ORDERS {
-            assert_eq!(b.free_blocks(o), fresh.free_blocks(o), "order {o} after freeing everything");
+            assert_eq!(
+                b.free_blocks(o),
+                fresh.free_blocks(o),
+                "order {o} after freeing everything"
+            );
         }
     }
 
@@ -849,13 +918,25 @@ mod tests {
 
     #[test]
     fn randomized_against_model_unaligned_with_holes() {
-        randomized(2, 777, 3 * 4096 + 300, &[(900, 901), (2048, 3100), (5000, 5003), (9000, 9500)], 6000);
+        randomized(
+            2,
+            777,
+            3 * 4096 + 300,
+            &[(900, 901), (2048, 3100), (5000, 5003), (9000, 9500)],
+            6000,
+        );
     }
 
     #[test]
     fn randomized_against_model_many_seeds() {
         for seed in 3..15 {
-            randomized(seed, (seed as u32 * 131) % 2048, 2048 + (seed as u32 * 977) % 4096, &[], 1500);
+            randomized(
+                seed,
+                (seed as u32 * 131) % 2048,
+                2048 + (seed as u32 * 977) % 4096,
+                &[],
+                1500,
+            );
         }
     }
 
@@ -885,7 +966,10 @@ mod tests {
             held.push(p);
         }
         assert_eq!(held.len() as u32, (end - 2048) / 1024);
-        assert!(held.windows(2).all(|x| x[0] + 1024 == x[1]), "in address order");
+        assert!(
+            held.windows(2).all(|x| x[0] + 1024 == x[1]),
+            "in address order"
+        );
         for p in held {
             b.free(p, MAX_ORDER).unwrap();
         }

@@ -95,11 +95,16 @@ pub fn parse_num(s: &str) -> Option<u64> {
 
 /// Parses hexadecimal digits (an optional `0x` prefix is accepted).
 pub fn parse_hex(s: &str) -> Option<u64> {
-    let s = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
     if s.is_empty() || s.len() > 16 {
         return None;
     }
-    s.bytes().try_fold(0u64, |acc, c| Some((acc << 4) | (c as char).to_digit(16)? as u64))
+    s.bytes().try_fold(0u64, |acc, c| {
+        Some((acc << 4) | (c as char).to_digit(16)? as u64)
+    })
 }
 
 impl Config {
@@ -112,7 +117,9 @@ impl Config {
     pub fn parse_with(cmdline: &str, mut warn: impl FnMut(&str, &str)) -> Config {
         let mut c = Config::default();
         for word in cmdline.split([' ', '\t', '\n', '\0']) {
-            let Some((key, val)) = word.split_once('=') else { continue };
+            let Some((key, val)) = word.split_once('=') else {
+                continue;
+            };
             let mib = |v: &str| parse_num(v).filter(|&n| n <= 1 << 24);
             let ok = match key {
                 "used" => mib(val).map(|n| c.used_mib = n),
@@ -126,8 +133,12 @@ impl Config {
                     _ => None,
                 }
                 .map(|h| c.hint = h),
-                "pci_ecam" => parse_hex(val).filter(|a| a % 4096 == 0).map(|a| c.pci_ecam = Some(a)),
-                "cpus" => parse_num(val).filter(|&n| (1..=64).contains(&n)).map(|n| c.cpus = Some(n as u32)),
+                "pci_ecam" => parse_hex(val)
+                    .filter(|a| a % 4096 == 0)
+                    .map(|a| c.pci_ecam = Some(a)),
+                "cpus" => parse_num(val)
+                    .filter(|&n| (1..=64).contains(&n))
+                    .map(|n| c.cpus = Some(n as u32)),
                 "selftest" => match val {
                     "fault" => Some(SelfTest::Fault),
                     "corrupt" => Some(SelfTest::Corrupt),
@@ -137,7 +148,9 @@ impl Config {
                 }
                 .map(|t| c.selftest = t),
                 "verify_ms" => parse_num(val).map(|n| c.verify_ms = n.clamp(10, 1000)),
-                "poweroff" => parse_num(val).filter(|&n| n >= 1).map(|n| c.poweroff_after = Some(n)),
+                "poweroff" => parse_num(val)
+                    .filter(|&n| n >= 1)
+                    .map(|n| c.poweroff_after = Some(n)),
                 _ => Some(()),
             };
             if ok.is_none() {
@@ -156,14 +169,19 @@ mod tests {
     fn defaults() {
         assert_eq!(Config::parse(""), Config::default());
         let c = Config::default();
-        assert_eq!((c.used_mib, c.dirty_mib, c.hot_mib, c.fragment_mib), (64, 0, 0, 0));
+        assert_eq!(
+            (c.used_mib, c.dirty_mib, c.hot_mib, c.fragment_mib),
+            (64, 0, 0, 0)
+        );
         assert_eq!(c.hint, HintMode::Stock);
         assert_eq!(c.pci_ecam, None);
     }
 
     #[test]
     fn all_keys() {
-        let c = Config::parse("used=128 dirty=2048 hot=8 hint=ranges fragment=256 pci_ecam=0xe0000000 cpus=2");
+        let c = Config::parse(
+            "used=128 dirty=2048 hot=8 hint=ranges fragment=256 pci_ecam=0xe0000000 cpus=2",
+        );
         assert_eq!(c.used_mib, 128);
         assert_eq!(c.dirty_mib, 2048);
         assert_eq!(c.hot_mib, 8);
@@ -171,7 +189,10 @@ mod tests {
         assert_eq!(c.fragment_mib, 256);
         assert_eq!(c.pci_ecam, Some(0xe000_0000));
         assert_eq!(c.cpus, Some(2));
-        assert_eq!(Config::parse("pci_ecam=e0000000").pci_ecam, Some(0xe000_0000));
+        assert_eq!(
+            Config::parse("pci_ecam=e0000000").pci_ecam,
+            Some(0xe000_0000)
+        );
         assert_eq!(Config::parse("hint=none").hint, HintMode::None);
         assert_eq!(Config::parse("poweroff=3").poweroff_after, Some(3));
         assert_eq!(Config::parse("poweroff=0").poweroff_after, None);

@@ -10,7 +10,10 @@ pub struct Line<const N: usize> {
 impl<const N: usize> Line<N> {
     /// An empty line.
     pub const fn new() -> Self {
-        Line { buf: [0; N], len: 0 }
+        Line {
+            buf: [0; N],
+            len: 0,
+        }
     }
 
     /// The bytes written so far.

@@ -54,9 +54,18 @@ const HEADER_LEN: u64 = 44;
 pub fn search_ranges(read: &impl Fn(u64) -> Option<u8>) -> [(u64, u64); 3] {
     let word = |a: u64| Some(read(a)? as u64 | (read(a + 1)? as u64) << 8);
     // An EBDA lives below 640 KiB and above the first 64 KiB; anything else is not a real one.
-    let ebda = word(0x40e).map(|seg| seg << 4).filter(|&a| (0x1_0000..0xa_0000).contains(&a)).unwrap_or(0);
-    let base_kib = word(0x413).filter(|&k| (64..=640).contains(&k)).unwrap_or(640);
-    [(ebda, if ebda != 0 { 1024 } else { 0 }), ((base_kib - 1) * 1024, 1024), (0xf_0000, 0x1_0000)]
+    let ebda = word(0x40e)
+        .map(|seg| seg << 4)
+        .filter(|&a| (0x1_0000..0xa_0000).contains(&a))
+        .unwrap_or(0);
+    let base_kib = word(0x413)
+        .filter(|&k| (64..=640).contains(&k))
+        .unwrap_or(640);
+    [
+        (ebda, if ebda != 0 { 1024 } else { 0 }),
+        ((base_kib - 1) * 1024, 1024),
+        (0xf_0000, 0x1_0000),
+    ]
 }
 
 fn sum(read: &impl Fn(u64) -> Option<u8>, a: u64, len: u64) -> Option<u8> {
@@ -68,7 +77,9 @@ fn sum(read: &impl Fn(u64) -> Option<u8>, a: u64, len: u64) -> Option<u8> {
 }
 
 fn sig(read: &impl Fn(u64) -> Option<u8>, a: u64, s: &[u8]) -> bool {
-    s.iter().enumerate().all(|(i, &c)| read(a + i as u64) == Some(c))
+    s.iter()
+        .enumerate()
+        .all(|(i, &c)| read(a + i as u64) == Some(c))
 }
 
 fn le(read: &impl Fn(u64) -> Option<u8>, a: u64, n: u64) -> Option<u64> {
@@ -99,7 +110,13 @@ pub fn find_pointer(read: &impl Fn(u64) -> Option<u8>, ranges: &[(u64, u64)]) ->
 
 /// Parses the MP configuration the floating pointer at `fp` describes.
 pub fn parse(read: &impl Fn(u64) -> Option<u8>, fp: u64) -> Result<MpCpus, MpError> {
-    let mut out = MpCpus { pointer: fp, table: 0, count: 0, bsp_apic_id: None, apic_ids: [0; MAX_IDS] };
+    let mut out = MpCpus {
+        pointer: fp,
+        table: 0,
+        count: 0,
+        bsp_apic_id: None,
+        apic_ids: [0; MAX_IDS],
+    };
     let table = le(read, fp + 4, 4).ok_or(MpError::BadTable(0))?;
     let default_cfg = read(fp + 11).unwrap_or(0);
     if table == 0 {
@@ -124,7 +141,9 @@ pub fn parse(read: &impl Fn(u64) -> Option<u8>, fp: u64) -> Result<MpCpus, MpErr
     let entries = le(read, table + 34, 2).ok_or(bad)?;
     let (mut p, end) = (table + HEADER_LEN, table + len);
     for _ in 0..entries {
-        let Some(ty) = read(p).filter(|_| p < end) else { break };
+        let Some(ty) = read(p).filter(|_| p < end) else {
+            break;
+        };
         let size = match ty {
             0 => 20,
             1..=4 => 8,
@@ -222,7 +241,10 @@ mod tests {
         m.put(0xf0000, &pointer(0xf0010, 0));
         m.put(0xf0010, &table(&[(0, 3), (1, 1)]));
         let c = find(&m.reader()).unwrap();
-        assert_eq!((c.pointer, c.table, c.count, c.bsp_apic_id), (0xf0000, 0xf0010, 2, Some(0)));
+        assert_eq!(
+            (c.pointer, c.table, c.count, c.bsp_apic_id),
+            (0xf0000, 0xf0010, 2, Some(0))
+        );
         assert_eq!(c.ids(), &[0, 1]);
     }
 

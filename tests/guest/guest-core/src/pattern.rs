@@ -72,7 +72,11 @@ pub fn check(page: &[u64; WORDS], gpa: u64, gen: u64) -> Result<(), Mismatch> {
     for (i, w) in page.iter().enumerate() {
         let want = word(gpa, gen, s, i);
         if *w != want {
-            return Err(Mismatch { word: i, got: *w, want });
+            return Err(Mismatch {
+                word: i,
+                got: *w,
+                want,
+            });
         }
     }
     Ok(())
@@ -90,7 +94,11 @@ mod tests {
         check(&p, 0x1234_5000, 7).unwrap();
         let e = check(&p, 0x1234_5000, 6).unwrap_err();
         assert_eq!((e.word, e.got, e.want), (0, 7, 6), "stale generation");
-        assert_eq!(check(&p, 0x1234_6000, 7).unwrap_err().word, 1, "other page's data");
+        assert_eq!(
+            check(&p, 0x1234_6000, 7).unwrap_err().word,
+            1,
+            "other page's data"
+        );
         p[300] ^= 1;
         let e = check(&p, 0x1234_5000, 7).unwrap_err();
         assert_eq!(e.word, 300);

@@ -42,7 +42,11 @@ impl Default for PfnStack {
 impl PfnStack {
     /// An empty stack.
     pub const fn new() -> Self {
-        PfnStack { top: NONE, len: 0, nodes: 0 }
+        PfnStack {
+            top: NONE,
+            len: 0,
+            nodes: 0,
+        }
     }
 
     /// Entries (not counting node pages).
@@ -118,7 +122,9 @@ mod tests {
             self.0.get(&pfn).map_or(0xdead_beef, |p| p[i])
         }
         fn write(&mut self, pfn: u32, i: usize, v: u32) {
-            self.0.entry(pfn).or_insert_with(|| vec![0xdead_beef; WORDS_PER_PAGE])[i] = v;
+            self.0
+                .entry(pfn)
+                .or_insert_with(|| vec![0xdead_beef; WORDS_PER_PAGE])[i] = v;
         }
     }
 
