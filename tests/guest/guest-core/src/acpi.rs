@@ -2,6 +2,8 @@
 //! the XSDT or RSDT, the FADT's sleep control register (hardware-reduced ACPI) and the
 //! SLP_TYP of `\_S5` in the DSDT. The value to write is `SLP_TYP << 2 | SLP_EN`.
 
+use crate::firmware::{le, sig, sum};
+
 /// Where and what to write to power off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PowerOff {
@@ -18,28 +20,6 @@ const FADT_X_DSDT: u64 = 140;
 const FADT_DSDT: u64 = 40;
 const PACKAGE_OP: u8 = 0x12;
 const BYTE_PREFIX: u8 = 0x0a;
-
-fn le(read: &impl Fn(u64) -> Option<u8>, at: u64, n: u64) -> Option<u64> {
-    let mut v = 0u64;
-    for i in 0..n {
-        v |= u64::from(read(at + i)?) << (8 * i);
-    }
-    Some(v)
-}
-
-fn sig(read: &impl Fn(u64) -> Option<u8>, at: u64, s: &[u8]) -> bool {
-    s.iter()
-        .enumerate()
-        .all(|(i, &c)| read(at + i as u64) == Some(c))
-}
-
-fn sum(read: &impl Fn(u64) -> Option<u8>, at: u64, len: u64) -> Option<u8> {
-    let mut s = 0u8;
-    for i in 0..len {
-        s = s.wrapping_add(read(at + i)?);
-    }
-    Some(s)
-}
 
 /// A checksummed table with signature `s` at `at`: its length.
 fn table(read: &impl Fn(u64) -> Option<u8>, at: u64, s: &[u8]) -> Option<u64> {

@@ -17,6 +17,7 @@
 pub mod acpi;
 pub mod buddy;
 pub mod cmdline;
+mod firmware;
 pub mod fmt;
 pub mod mptable;
 pub mod pattern;

@@ -11,6 +11,8 @@
 //! All memory is read through a caller-supplied `read(addr) -> Option<u8>` (None = not
 //! readable), so the parser is tested on the host against a fake memory.
 
+use crate::firmware::{le, sig, sum};
+
 /// Most processors recorded; further enabled entries are counted but their ids are dropped.
 pub const MAX_IDS: usize = 64;
 
@@ -66,28 +68,6 @@ pub fn search_ranges(read: &impl Fn(u64) -> Option<u8>) -> [(u64, u64); 3] {
         ((base_kib - 1) * 1024, 1024),
         (0xf_0000, 0x1_0000),
     ]
-}
-
-fn sum(read: &impl Fn(u64) -> Option<u8>, a: u64, len: u64) -> Option<u8> {
-    let mut s = 0u8;
-    for i in 0..len {
-        s = s.wrapping_add(read(a + i)?);
-    }
-    Some(s)
-}
-
-fn sig(read: &impl Fn(u64) -> Option<u8>, a: u64, s: &[u8]) -> bool {
-    s.iter()
-        .enumerate()
-        .all(|(i, &c)| read(a + i as u64) == Some(c))
-}
-
-fn le(read: &impl Fn(u64) -> Option<u8>, a: u64, n: u64) -> Option<u64> {
-    let mut v = 0u64;
-    for i in 0..n {
-        v |= (read(a + i)? as u64) << (8 * i);
-    }
-    Some(v)
 }
 
 /// Finds a floating pointer structure (signature, length >= 1, zero byte sum) in `ranges`.
