@@ -31,6 +31,7 @@ use crate::config::{ReceiveMigrationData, VmConfig};
 use crate::memory;
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::ExitSink;
+use crate::vm::lock;
 use crate::vm::{Vm, VmSnapshot};
 
 /// How long any single read or write may block once the source is connected.
@@ -139,10 +140,6 @@ impl IncomingMigration {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the receiving thread needs to build the VM.
