@@ -19,6 +19,8 @@
 # target/linux-lab/cache). --guest-init FILE runs FILE (a busybox sh script) in the guest in
 # place of the workload, migrates the guest once its first line appeared, and shows every line
 # it printed before and after (scenario guest-init; the default when --guest-init is given).
+# LAB_KERNEL_VERSION (default 6.12.117+deb12) picks another Debian cloud kernel of the 6.12
+# series, for the lab machine and the guest alike (the patched driver is built for it).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -108,7 +110,7 @@ built() { mv "$1.inputs.new" "$1.inputs"; }
 # ---- 3. our binaries and the guest workload ---------------------------------------------------
 log "building the VMM, ch-remote and the guest workload"
 cargo build --release --quiet
-workload=${LAB_WORKLOAD:-$(bash scripts/build-linux-workload.sh | tail -n 1)}
+workload=$(bash scripts/build-linux-workload.sh | tail -n 1)
 
 # ---- 4. the guest kernel as a PVH vmlinux (the bzImage's zstd payload) ----------------------
 vmlinux=$build/vmlinux
@@ -232,7 +234,7 @@ log "built in $((SECONDS - t_start)) s"
 run_lab "${list[@]}"
 # The emulated lab machine itself can fail (its kernel panics now and then, above): the
 # scenarios it did not reach get up to two more, fresh lab machines.
-for attempt in 1 2; do
+for _ in 1 2; do
     missing=()
     for s in "${list[@]}"; do
         grep -q "^LAB-RESULT {\"name\":\"$s\"" "$console" || missing+=("$s")
