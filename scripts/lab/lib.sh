@@ -137,7 +137,11 @@ guest_used_mib() {
         sed 's/.*total_kib=\([0-9]*\) free_kib=\([0-9]*\).*/\1 \2/' | awk '{printf "%d\n", ($1 - $2) / 1024}'
 }
 
-guest_free_pages() { grep -m1 '^guest: ready' "$W/serial.log" | sed 's/.*free_pages=\([0-9]*\).*/\1/'; }
+# guest_free_kib: MemFree from the workload's last meminfo line.
+guest_free_kib() {
+    grep '^guest: meminfo' "$W/serial.log" | tail -n 1 | sed 's/.*free_kib=\([0-9]*\).*/\1/'
+}
+
 
 json_field() { # json_field FILE KEY: the first number after "KEY": in a one-line JSON file
     sed -n "s/.*\"$2\": *\([0-9.eE+-]*\).*/\1/p" "$1" | head -n 1

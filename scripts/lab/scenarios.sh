@@ -95,7 +95,7 @@ fragmented() { # lab_balloon value
     boot_guest a "$KERNEL_BZ" 1G 1 "used=128 fragment=640 lab_balloon=$1" "$BALLOON" || return 1
     check_balloon_bound "$1" || return 1
     sleep 2
-    free=$(grep '^guest: meminfo' "$W/serial.log" | tail -n 1 | sed 's/.*free_kib=\([0-9]*\).*/\1/')
+    free=$(guest_free_kib)
     migrate a b "" || return 1
     skipped=$(json_field "$REPORT" pages_skipped)
     pct=$(awk -v s="$skipped" -v f="$free" 'BEGIN {printf "%.1f\n", (f > 0 ? 100 * s / (f / 4) : 0)}')
@@ -144,11 +144,11 @@ scenario_migrate_twice() {
     boot_guest a "$KERNEL_BZ" 1G 1 "$WORKLOAD" "$BALLOON" || return 1
     check_balloon_bound || return 1
     sleep 2
-    free_before=$(grep '^guest: meminfo' "$W/serial.log" | tail -n 1 | sed 's/.*free_kib=\([0-9]*\).*/\1/')
+    free_before=$(guest_free_kib)
     migrate a b "" || return 1
     first=$(json_field "$REPORT" pages_hinted)
     sleep 5
-    free_after=$(grep '^guest: meminfo' "$W/serial.log" | tail -n 1 | sed 's/.*free_kib=\([0-9]*\).*/\1/')
+    free_after=$(guest_free_kib)
     [ "$free_after" -gt $((free_before * 3 / 4)) ] ||
         { echo "lab-l1: destination counters: $(remote b counters)"; echo "lab-l1: hints: $(remote b balloon-hints 2>&1)"
           fail "the guest kept its hinted blocks: MemFree $free_before KiB before, $free_after KiB 5 s after"; return 1; }
