@@ -218,6 +218,47 @@ fn destination_killed_during_round_zero_leaves_the_source_running() {
     assert_eq!(src.wait_exit(Duration::from_secs(10)), 0);
 }
 
+/// A guest that powers off while it is being copied is not carried over as if it still ran (its
+/// vCPUs would resume over there from whatever state they were left in): the migration fails
+/// with one line that says why, the destination runs nothing, and the source VMM ends with its
+/// guest as it would without a migration.
+#[test]
+fn a_guest_that_ends_during_the_migration_is_not_migrated() {
+    // verify_ms=300: the guest powers off about 0.6 s after its first verification, while
+    // round 0 of 4 GiB (zero pages sent too) is still being written.
+    let (mut src, mut dst) = pair(
+        "mig-ended",
+        "4G",
+        "used=64 dirty=2048 verify_ms=300 poweroff=3",
+        &[],
+    );
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, received) = migrate(
+        &src,
+        &dst,
+        &url,
+        &format!("destination_url={url},zero_pages=off,free_page_hints=off"),
+    );
+    assert!(
+        src.serial_text().contains("guest: poweroff"),
+        "the guest powered off"
+    );
+    assert!(!sent.status.success(), "send-migration must fail");
+    let err = String::from_utf8_lossy(&sent.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    assert!(
+        err.contains("guest ended during the migration") && err.contains("powered off"),
+        "{err}"
+    );
+    assert!(!received.status.success(), "nothing was received");
+    // The source ends with its guest, as it would have without the migration.
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), 0);
+    let info = dst.remote(&["info"]);
+    assert!(!info.status.success(), "the destination has no VM");
+    assert!(dst.remote(&["shutdown-vmm"]).status.success());
+    assert_eq!(dst.wait_exit(Duration::from_secs(10)), 0);
+}
+
 #[test]
 fn garbage_to_a_receiving_vmm_is_refused_cleanly() {
     use std::io::Write;

@@ -109,7 +109,44 @@ pub struct Vm {
     vcpus: VcpuManager,
     state: VmState,
     exit_sink: ExitSink,
+    /// Set by the first event that ends the guest (power off, reset, a failed vCPU), on the
+    /// thread that saw it, before the VMM thread hears of it.
+    guest_end: GuestEnd,
     seccomp: SeccompMode,
+}
+
+/// Why the guest ended, once it has: power off, reset, or a vCPU that failed. Shared by the
+/// threads that see such events and the code (a migration) that must not carry a guest that
+/// ended on as if it still ran.
+#[derive(Clone, Debug, Default)]
+pub struct GuestEnd(Arc<std::sync::Mutex<Option<String>>>);
+
+impl GuestEnd {
+    /// Records `event` unless an earlier event already ended the guest.
+    fn record(&self, event: &VcpuExitEvent) {
+        let mut end = lock(&self.0);
+        if end.is_none() {
+            *end = Some(match event {
+                VcpuExitEvent::Shutdown => "the guest powered off (or triple-faulted)".into(),
+                VcpuExitEvent::Reset => "the guest asked for a reset".into(),
+                VcpuExitEvent::Failed(why) => format!("a vCPU failed: {why}"),
+            });
+        }
+    }
+
+    /// Why the guest ended, if it has.
+    pub fn why(&self) -> Option<String> {
+        lock(&self.0).clone()
+    }
+
+    /// An exit sink that records the event here before passing it to `inner`.
+    fn wrap(&self, inner: ExitSink) -> ExitSink {
+        let end = self.clone();
+        Arc::new(move |e| {
+            end.record(&e);
+            inner(e)
+        })
+    }
 }
 
 impl Vm {
@@ -144,6 +181,8 @@ impl Vm {
         exit_sink: ExitSink,
         seccomp: SeccompMode,
     ) -> Result<Self, VmError> {
+        let guest_end = GuestEnd::default();
+        let exit_sink = guest_end.wrap(exit_sink);
         let vm = hypervisor.create_vm().map_err(VmError::Create)?;
         memory::register_slots(vm.as_ref(), &memory, false).map_err(VmError::Memory)?;
         vm.create_irqchip().map_err(VmError::Hypervisor)?;
@@ -184,8 +223,15 @@ impl Vm {
             vcpus: VcpuManager::new(vcpus),
             state: VmState::Created,
             exit_sink,
+            guest_end,
             seccomp,
         })
+    }
+
+    /// Why the guest ended (powered off, reset, a vCPU failed), if it has, even before the VMM
+    /// thread has handled the event.
+    pub fn guest_end(&self) -> Option<String> {
+        self.guest_end.why()
     }
 
     /// The configuration the VM was built from.
@@ -425,5 +471,24 @@ impl Vm {
             serde_json::to_value(crate::seccomp::refused_calls()).unwrap_or_default(),
         );
         serde_json::Value::Object(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_event_that_ends_the_guest_is_kept_and_passed_on() {
+        let end = GuestEnd::default();
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = heard.clone();
+        let sink = end.wrap(Arc::new(move |e| lock(&h).push(format!("{e:?}"))));
+        assert_eq!(end.why(), None);
+        sink(VcpuExitEvent::Shutdown);
+        sink(VcpuExitEvent::Failed("vcpu0: boom".into()));
+        let why = end.why().expect("ended");
+        assert!(why.contains("powered off"), "{why}");
+        assert_eq!(lock(&heard).len(), 2, "every event still reaches the VMM");
     }
 }

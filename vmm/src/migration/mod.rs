@@ -77,6 +77,9 @@ pub enum MigrationError {
     /// The source gave up.
     #[error("the source abandoned the migration")]
     Abandoned,
+    /// The guest powered off, reset or crashed during the migration: nothing was handed over.
+    #[error("the guest ended during the migration, so it was not migrated: {0}")]
+    GuestEnded(String),
     /// The VM must be running to be migrated.
     #[error("the VM is not running")]
     NotRunning,

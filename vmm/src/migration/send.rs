@@ -112,6 +112,9 @@ impl Sender<'_, '_> {
             self.precopy(&memory, data, start)?;
         }
         let pause_at = Instant::now();
+        // A guest that powered off, reset or crashed while it was being copied must not be
+        // resumed over there from whatever state its vCPUs were left in.
+        self.check_guest()?;
         let snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
         let state = serde_json::to_vec(&snapshot).map_err(|e| MigrationError::Json("state", e))?;
         self.request(Command::State, &state)?;
@@ -123,6 +126,14 @@ impl Sender<'_, '_> {
         self.report.total_ms = duration_ms(start.elapsed());
         self.report.wire_bytes = self.stream.bytes_written();
         Ok(())
+    }
+
+    /// Fails once the guest has ended (it is not carried on as if it still ran).
+    fn check_guest(&self) -> Result<(), MigrationError> {
+        match self.vm.guest_end() {
+            Some(why) => Err(MigrationError::GuestEnded(why)),
+            None => Ok(()),
+        }
     }
 
     fn pause(&mut self) -> Result<(), MigrationError> {
@@ -200,6 +211,7 @@ impl Sender<'_, '_> {
         let deadline = start + Duration::from_secs(data.timeout_s);
         let mut dirty_rounds = 0;
         let mut pending = loop {
+            self.check_guest()?;
             let round = self.sync(&ram)?;
             let estimate_ms = round.dirty_pages() as f64 * 4096.0 / self.bandwidth * 1000.0;
             if estimate_ms <= data.downtime_ms as f64
