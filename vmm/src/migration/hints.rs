@@ -25,6 +25,9 @@ use vm_migration::HintMode;
 /// with `init_on_alloc=1` under emulated guest ring 0, about 110 ms per zeroed 4 MiB block),
 /// and a guest that never answers costs half a second instead of the whole `hint_wait_ms`.
 pub const HINT_IDLE: Duration = Duration::from_millis(500);
+/// Once hints flow, a round ends after this many times the longest gap seen between two
+/// batches without a new one (see [`HintWait::run`]), if that is longer than [`HINT_IDLE`].
+const IDLE_GAPS: u32 = 3;
 
 /// The longest single wait for the driver's STOP before looking at new hints again.
 const POLL: Duration = Duration::from_millis(5);
@@ -180,6 +183,13 @@ impl HintWait {
         }
     }
 
+    /// The idle interval for a guest whose hints came as much as `gap` apart: a guest that
+    /// hints slowly but steadily (a busy host, a guest zeroing every block it hints) is given
+    /// three of its own gaps, between `idle` and four times `idle`.
+    fn idle_for_gap(&self, gap: Duration) -> Duration {
+        (gap * IDLE_GAPS).clamp(self.idle, self.idle * 4)
+    }
+
     /// Waits for `source`'s round to end, passing every batch of hints to `on_hints` as it
     /// arrives. `clock` starts at the request.
     pub fn run(
@@ -191,9 +201,10 @@ impl HintWait {
         let start = clock.now();
         let mut last_progress = start;
         let mut last_hint = None;
+        let mut idle = self.idle;
         loop {
             let now = clock.now();
-            let deadline = (start + self.limit).min(last_progress + self.idle);
+            let deadline = (start + self.limit).min(last_progress + idle);
             let stopped = source.wait_stopped(deadline.saturating_sub(now).min(POLL));
             // Read before taking the hints: a finished round has handed over all of its own,
             // so none can arrive after the last take. STOP may have come just after the wait.
@@ -201,6 +212,9 @@ impl HintWait {
             let hints = source.take_ranges();
             let now = clock.now();
             if !hints.is_empty() {
+                if last_hint.is_some() {
+                    idle = idle.max(self.idle_for_gap(now - last_progress));
+                }
                 last_progress = now;
                 last_hint = Some(now - start);
                 on_hints(hints);
@@ -213,7 +227,7 @@ impl HintWait {
                 }
             } else if now >= start + self.limit {
                 Some(RoundEnd::TimedOut { limit: self.limit })
-            } else if now >= last_progress + self.idle {
+            } else if now >= last_progress + idle {
                 Some(RoundEnd::Idle { last_hint })
             } else {
                 None
@@ -397,7 +411,8 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_that_stops_sending_without_stop_ends_one_idle_interval_later() {
+    fn a_guest_that_stops_sending_without_stop_ends_an_idle_interval_later() {
+        // Batches 200 ms apart: the interval is three gaps (600 ms), more than HINT_IDLE.
         let script = vec![(100, Step::Hint(1)), (300, Step::Hint(2))];
         let (outcome, got) = run(10_000, script);
         assert_eq!(
@@ -406,12 +421,40 @@ mod tests {
                 last_hint: Some(MS(300))
             }
         );
-        assert_eq!(outcome.waited, MS(800));
+        assert_eq!(outcome.waited, MS(900));
         assert_eq!(got.len(), 2);
         assert_eq!(
             outcome.reason(2048).as_deref(),
             Some("guest stopped hinting after 300 ms")
         );
+    }
+
+    #[test]
+    fn a_slow_but_steady_guest_gets_three_of_its_gaps() {
+        // Batches 400 ms apart (a guest zeroing each block on a busy host): a 400 ms pause is
+        // not the end; 1200 ms without a batch is.
+        let script = vec![
+            (100, Step::Hint(1)),
+            (500, Step::Hint(2)),
+            (900, Step::Hint(3)),
+        ];
+        let (outcome, got) = run(10_000, script);
+        assert_eq!(
+            outcome.end,
+            RoundEnd::Idle {
+                last_hint: Some(MS(900))
+            }
+        );
+        assert_eq!(outcome.waited, MS(2100));
+        assert_eq!(got.len(), 3);
+        // Never more than four idle intervals, however slow.
+        let script = vec![
+            (100, Step::Hint(1)),
+            (550, Step::Hint(2)),
+            (1800, Step::Hint(3)),
+        ];
+        let (outcome, _) = run(10_000, script);
+        assert_eq!(outcome.waited, MS(1800) + HINT_IDLE * 4);
     }
 
     #[test]
