@@ -64,7 +64,9 @@ pub use hints::{
 pub use memory::{receive_memory, receive_ranges, send_memory, send_ranges, MemoryStreamError};
 pub use protocol::{Command, ErrorReason, ProtocolError, RequestHeader, Response};
 pub use ranges::{MemoryRange, MemoryRangeTable, RamRegions, RangeError, RegionPages, PAGE_SIZE};
-pub use report::{HintMode, HintsReport, MigrationReport, MigrationStatus, PhaseTimes};
+pub use report::{
+    HintMode, HintsReport, MigrationReport, MigrationStatus, PhaseTimes, TransportReport,
+};
 pub use tls::{TlsClient, TlsError, TlsServer, TlsStream};
 pub use transport::{MigrationListener, MigrationStream, MigrationUrl, TransportError};
 pub use zero::{is_zero_page, split_zero_pages, ZeroPageError, ZeroPageFilter, ZeroSplit};

@@ -388,8 +388,18 @@ impl MigrationListener {
         timeout: Option<Duration>,
         io_timeout: Option<Duration>,
     ) -> Result<MigrationStream, TransportError> {
+        self.accept(timeout, io_timeout)
+    }
+
+    /// Like [`MigrationListener::accept_one`], keeping the listener for more connections
+    /// (`connections=<n>`).
+    pub fn accept(
+        &self,
+        timeout: Option<Duration>,
+        io_timeout: Option<Duration>,
+    ) -> Result<MigrationStream, TransportError> {
         wait_readable(self.as_fd(), timeout)?;
-        let stream = match &self {
+        let stream = match self {
             MigrationListener::Unix(l, _) => {
                 MigrationStream::Unix(l.accept().map_err(TransportError::Accept)?.0)
             }
