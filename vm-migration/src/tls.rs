@@ -65,6 +65,8 @@ pub const CLIENT_KEY_FILE: &str = "client-key.pem";
 const BUFFER_LIMIT: usize = 4 << 20;
 /// Size of the bounce buffer between guest memory and the TLS stream.
 const BOUNCE_BYTES: usize = 256 << 10;
+/// Ciphertext read from the socket per `read` call (rustls asks for 4 KiB at a time).
+const READ_AHEAD_BYTES: usize = 256 << 10;
 
 /// Errors loading TLS files or setting up an encrypted stream.
 #[derive(Debug, Error)]
@@ -378,6 +380,40 @@ pub struct TlsStream {
     sock: TcpStream,
     peer: Peer,
     bounce: Vec<u8>,
+    ahead: ReadAhead,
+}
+
+/// Ciphertext read from the socket ahead of rustls: rustls reads at most 4 KiB per call, which
+/// made receiving over TLS cost four `recv` calls per 16 KiB record.
+#[derive(Default)]
+struct ReadAhead {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// The socket as rustls reads it: through [`ReadAhead`].
+struct AheadReader<'a> {
+    ahead: &'a mut ReadAhead,
+    sock: &'a TcpStream,
+}
+
+impl Read for AheadReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let ahead = &mut *self.ahead;
+        if ahead.start == ahead.end {
+            if ahead.buf.is_empty() {
+                ahead.buf = vec![0; READ_AHEAD_BYTES];
+            }
+            let n = self.sock.read(&mut ahead.buf)?;
+            ahead.start = 0;
+            ahead.end = n;
+        }
+        let n = out.len().min(ahead.end - ahead.start);
+        out[..n].copy_from_slice(&ahead.buf[ahead.start..ahead.start + n]);
+        ahead.start += n;
+        Ok(n)
+    }
 }
 
 impl fmt::Debug for TlsStream {
@@ -396,6 +432,7 @@ impl TlsStream {
             sock,
             peer,
             bounce: Vec::new(),
+            ahead: ReadAhead::default(),
         };
         stream.conn.set_buffer_limit(Some(BUFFER_LIMIT));
         while stream.conn.is_handshaking() {
@@ -445,7 +482,11 @@ impl TlsStream {
     /// Reads more records from the socket and decrypts them.
     fn read_records(&mut self) -> io::Result<()> {
         self.write_pending()?;
-        self.conn.read_tls(&mut self.sock)?;
+        let mut reader = AheadReader {
+            ahead: &mut self.ahead,
+            sock: &self.sock,
+        };
+        self.conn.read_tls(&mut reader)?;
         if let Err(e) = self.conn.process_new_packets() {
             // rustls queued an alert for the peer: try to tell it why.
             let _ = self.write_pending();
