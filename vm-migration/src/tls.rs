@@ -345,6 +345,9 @@ fn describe(err: &rustls::Error, peer: Peer) -> String {
         }
         E::InvalidCertificate(other) => format!("the {peer}'s certificate is invalid ({other:?})"),
         E::NoCertificatesPresented => format!("the {peer} presented no certificate"),
+        E::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => {
+            format!("the {peer} does not speak TLS (is it given tls_dir too?)")
+        }
         E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown) => format!(
             "the {peer} refused our certificate (it does not chain to the {peer}'s {CA_CERT_FILE})"
         ),

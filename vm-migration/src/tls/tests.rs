@@ -190,12 +190,30 @@ fn a_plain_tcp_peer_is_refused() {
     c.write_all(b"VMMQ not a TLS ClientHello at all").unwrap();
     drop(c);
     let err = accepted.join().unwrap().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "TLS handshake with the source failed: the source does not speak TLS (is it given \
+         tls_dir too?)"
+    );
+}
+
+#[test]
+fn a_plain_destination_is_refused() {
+    let dir = cert_dir();
+    let client = TlsClient::load(dir.as_path()).unwrap();
+    let (c, mut s) = tcp_pair();
+    // What our plain receiver does with a ClientHello: an error response, then close.
+    let plain = thread::spawn(move || {
+        let mut hello = [0u8; 64];
+        let _ = s.read(&mut hello);
+        let _ = s.write_all(b"VMMR\x01\x00\x02\x00 not TLS at all, sorry");
+    });
+    let err = client.connect(c, "localhost").unwrap_err();
+    plain.join().unwrap();
     assert!(
-        matches!(
-            err,
-            TlsError::Handshake { .. } | TlsError::HandshakeIo { .. }
-        ),
-        "{err:?}"
+        err.to_string()
+            .ends_with("the destination does not speak TLS (is it given tls_dir too?)"),
+        "{err}"
     );
 }
 
