@@ -61,3 +61,6 @@ pub fn waker(stream: &MigrationStream) -> Option<MigrationStream> {
         MigrationStream::Tls(s) => s.tcp().try_clone().ok().map(MigrationStream::Tcp),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -111,9 +111,12 @@ impl ReceiveStripes {
         let thread = std::thread::Builder::new()
             .name(format!("migration-rx-{index}"))
             .spawn(move || {
+                let mut stream = stream;
                 let result = seccomp::apply(ThreadKind::MigrationReceiveStream, mode)
                     .map_err(|e| MigrationError::StreamSeccomp(e.to_string()))
-                    .and_then(|()| receive_parts(stream, &memory, &ram, &shared));
+                    .and_then(|()| receive_parts(&mut stream, &memory, &ram, &shared));
+                // The waker keeps the socket open: shut it down so the source sees the end.
+                let _ = stream.shutdown();
                 if let Err(e) = result {
                     if !shared.stopping.load(Ordering::SeqCst) {
                         log::error!(
@@ -200,19 +203,19 @@ fn admit(
 
 /// The `migration-rx-N` thread: answers Memory requests until the connection ends.
 fn receive_parts(
-    mut stream: MigrationStream,
+    stream: &mut MigrationStream,
     memory: &GuestMemoryMmap,
     ram: &RamRegions,
     shared: &Shared,
 ) -> Result<(), MigrationError> {
     loop {
-        let header = RequestHeader::read_from(&mut stream).map_err(MigrationError::Protocol)?;
+        let header = RequestHeader::read_from(&mut *stream).map_err(MigrationError::Protocol)?;
         let outcome = match header.command() {
-            Command::Memory => receive_memory(memory, ram, &header, &mut stream)
+            Command::Memory => receive_memory(memory, ram, &header, &mut *stream)
                 .map(drop)
                 .map_err(MigrationError::Memory),
             Command::Abandon => {
-                let _ = Response::Ok.write_to(&mut stream);
+                let _ = Response::Ok.write_to(&mut *stream);
                 return Err(MigrationError::Abandoned);
             }
             _ => Err(MigrationError::Unexpected(
@@ -222,12 +225,12 @@ fn receive_parts(
         if let Err(e) = outcome {
             if !shared.stopping.load(Ordering::SeqCst) {
                 let message = crate::api::error_chain(&e);
-                let _ = Response::error(e.reason(), &message).write_to(&mut stream);
+                let _ = Response::error(e.reason(), &message).write_to(&mut *stream);
             }
             return Err(e);
         }
         Response::Ok
-            .write_to(&mut stream)
+            .write_to(&mut *stream)
             .map_err(MigrationError::Protocol)?;
     }
 }

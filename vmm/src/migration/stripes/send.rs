@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use vm_migration::protocol::{self, Command};
+use vm_migration::protocol::{self, Command, ProtocolError};
 use vm_migration::striping::{split_round, ConnectionsRequest, JoinRequest, MIN_PART_PAGES};
 use vm_migration::{
     send_memory, CountingStream, MemoryRangeTable, MigrationStream, MigrationUrl, Response,
@@ -211,22 +211,41 @@ fn send_parts(
     for table in jobs {
         let result = match &filtered {
             Err(e) => Err(MigrationError::StreamSeccomp(e.to_string())),
-            Ok(()) => send_memory(memory, &table, &mut stream)
-                .map_err(MigrationError::Memory)
-                .and_then(|sent| {
-                    Response::read_from(&mut stream)
-                        .and_then(Response::into_result)
-                        .map(|()| sent)
-                        .map_err(MigrationError::Protocol)
-                }),
+            Ok(()) => send_part(memory, &table, &mut stream),
         };
         wire.store(stream.bytes_written(), Ordering::Relaxed);
         let failed = result.is_err();
         if done.send(result).is_err() || failed {
+            // Other handles on the socket may keep it open: make sure the peer sees the end.
+            let _ = stream.get_ref().shutdown();
             return;
         }
     }
     if let MigrationStream::Tls(tls) = stream.get_mut() {
         let _ = tls.shutdown();
     }
+}
+
+/// Sends one part as a Memory request and waits for its acknowledgement. When the write
+/// fails, the destination may have refused the part and closed: its answer says why.
+fn send_part(
+    memory: &GuestMemoryMmap,
+    table: &MemoryRangeTable,
+    stream: &mut CountingStream<MigrationStream>,
+) -> Result<u64, MigrationError> {
+    let sent = match send_memory(memory, table, stream) {
+        Ok(sent) => sent,
+        Err(e) => {
+            return match Response::read_from(stream).and_then(Response::into_result) {
+                Err(refused @ ProtocolError::Refused { .. }) => {
+                    Err(MigrationError::Protocol(refused))
+                }
+                _ => Err(MigrationError::Memory(e)),
+            };
+        }
+    };
+    Response::read_from(stream)
+        .and_then(Response::into_result)
+        .map(|()| sent)
+        .map_err(MigrationError::Protocol)
 }
