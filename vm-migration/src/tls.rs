@@ -32,7 +32,7 @@
 //! and ChaCha20-Poly1305.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -377,7 +377,8 @@ fn explain(err: io::Error, peer: Peer) -> io::Error {
 }
 
 /// An established TLS connection over TCP. Reads and writes carry the migration protocol;
-/// guest pages go through a bounce buffer (they must be encrypted or decrypted anyway).
+/// guest pages are sent through a bounce buffer (rustls encrypts from a byte slice) and
+/// received by copying rustls's decrypted records straight into guest memory.
 pub struct TlsStream {
     conn: Connection,
     sock: TcpStream,
@@ -541,20 +542,29 @@ impl Write for TlsStream {
 }
 
 impl ReadVolatile for TlsStream {
+    /// Copies decrypted data straight from rustls's buffer into guest memory.
     fn read_volatile<B: BitmapSlice>(
         &mut self,
         buf: &mut VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        let want = buf.len().min(BOUNCE_BYTES);
-        let mut bounce = std::mem::take(&mut self.bounce);
-        bounce.resize(want, 0);
-        let result = self.read(&mut bounce[..want]);
-        let result = result.map_err(VolatileMemoryError::IOError).and_then(|n| {
-            buf.subslice(0, n)?.copy_from(&bounce[..n]);
-            Ok(n)
-        });
-        self.bounce = bounce;
-        result
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let mut reader = self.conn.reader();
+            match reader.fill_buf() {
+                // Empty: the peer sent close_notify.
+                Ok(chunk) => {
+                    let n = chunk.len().min(buf.len());
+                    buf.subslice(0, n)?.copy_from(&chunk[..n]);
+                    reader.consume(n);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(VolatileMemoryError::IOError(explain(e, self.peer))),
+            }
+            self.read_records().map_err(VolatileMemoryError::IOError)?;
+        }
     }
 }
 
