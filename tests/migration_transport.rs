@@ -41,13 +41,15 @@ fn wait_tcp_listen(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let needle = format!(":{port:04X}");
     while Instant::now() < deadline {
-        let listening = std::fs::read_to_string("/proc/net/tcp")
-            .unwrap_or_default()
-            .lines()
-            .any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
-            });
+        let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+            std::fs::read_to_string(table)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
+                })
+        });
         if listening {
             return;
         }
