@@ -38,6 +38,8 @@
 #   --no-build             use target/release as it is (default: cargo build --release first)
 #   --keep-logs            keep the per-run directories (serial logs, VMM output) under $TMPDIR
 #   --no-table             do not print the table and the ratios at the end
+#   --tls-and-connections [ARGS]  instead of all the above: plain TCP vs TLS, and 1 vs 2 vs 4
+#                          connections, on one large guest (scripts/bench-transport.sh ARGS)
 # Environment: BENCH_MIGRATE_TIMEOUT_S (default 120 + 30 per GiB), BENCH_VERIFY_WAIT_S (default 10),
 # BENCH_GUEST_EXTRA (appended to the guest command line, e.g. "selftest=corrupt" to see a FAILED row),
 # BENCH_PYTHON (python for the chart; default python3, or a venv under target/ with matplotlib).
@@ -84,6 +86,9 @@ while [[ $# -gt 0 ]]; do
         --no-build) build=0 ;;
         --keep-logs) keep=1 ;;
         --no-table) table=0 ;;
+        # Transport section: plain TCP vs TLS and 1/2/4 connections (scripts/bench-transport.sh,
+        # which takes the rest of the arguments).
+        --tls-and-connections) shift; exec "$root/scripts/bench-transport.sh" "$@" ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac

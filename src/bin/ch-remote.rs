@@ -69,7 +69,7 @@ enum Command {
     #[command(about = "Wait for a migration on <url> (vm.receive-migration)")]
     ReceiveMigration {
         /// Where to listen
-        #[arg(help = "unix:<path> or tcp:<host>:<port>, or receiver_url=<url>")]
+        #[arg(help = "unix:<path> or tcp:<host>:<port>, or receiver_url=<url>[,tls_dir=<dir>]")]
         url: String,
     },
     /// Migrate the VM and print the report (vm.send-migration)
@@ -81,7 +81,8 @@ enum Command {
         /// Where to send the VM, and the migration options
         #[arg(
             help = "unix:<path> or tcp:<host>:<port>, or destination_url=<url>[,downtime_ms=<n>]\
-            [,timeout_s=<n>][,free_page_hints=on|off][,zero_pages=on|off][,hint_wait_ms=<n>][,local=on]"
+            [,timeout_s=<n>][,free_page_hints=on|off][,zero_pages=on|off][,hint_wait_ms=<n>][,local=on]\
+            [,tls_dir=<dir>][,connections=<n>]"
         )]
         url: String,
     },

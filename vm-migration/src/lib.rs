@@ -8,6 +8,8 @@
 //! - [`hints`]: free page hints applied to round 0 only, with the data-safety rule enforced by
 //!   the types ([`HintRound`], [`DirtyRound`]).
 //! - [`transport`]: `unix:`/`tcp:` URLs, connect and accept-one, with timeouts.
+//! - [`striping`]: `connections=<n>`: added connections joining, rounds split across them.
+//! - [`tls`]: TLS 1.3 with mutual authentication over TCP (`tls_dir=`), with rustls.
 //! - [`memory`]: zero-copy page streaming between guest memory and the socket.
 //! - [`zero`]: zero page detection and the rule for when skipping zero pages is safe.
 //! - [`counting`]: byte counting for `wire_bytes`.
@@ -48,6 +50,8 @@ pub mod memory;
 pub mod protocol;
 pub mod ranges;
 pub mod report;
+pub mod striping;
+pub mod tls;
 pub mod transport;
 pub mod zero;
 
@@ -60,6 +64,9 @@ pub use hints::{
 pub use memory::{receive_memory, receive_ranges, send_memory, send_ranges, MemoryStreamError};
 pub use protocol::{Command, ErrorReason, ProtocolError, RequestHeader, Response};
 pub use ranges::{MemoryRange, MemoryRangeTable, RamRegions, RangeError, RegionPages, PAGE_SIZE};
-pub use report::{HintMode, HintsReport, MigrationReport, MigrationStatus, PhaseTimes};
+pub use report::{
+    HintMode, HintsReport, MigrationReport, MigrationStatus, PhaseTimes, TransportReport,
+};
+pub use tls::{TlsClient, TlsError, TlsServer, TlsStream};
 pub use transport::{MigrationListener, MigrationStream, MigrationUrl, TransportError};
 pub use zero::{is_zero_page, split_zero_pages, ZeroPageError, ZeroPageFilter, ZeroSplit};

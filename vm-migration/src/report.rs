@@ -102,6 +102,18 @@ pub struct MigrationReport {
     /// Where the time went.
     #[serde(default)]
     pub phases: PhaseTimes,
+    /// How the memory travelled: connections and encryption (absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<TransportReport>,
+}
+
+/// The `transport` object of the report (a field added to the contract's report).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportReport {
+    /// Connections that carried memory (`connections=`).
+    pub connections: u32,
+    /// Whether the connections were TLS (`tls_dir=`).
+    pub tls: bool,
 }
 
 /// Milliseconds spent in each phase of a migration, in order (a field added to the contract's

@@ -17,6 +17,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use thiserror::Error;
+
+use crate::tls::TlsStream;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
 
@@ -145,6 +147,8 @@ pub enum MigrationStream {
     Unix(UnixStream),
     /// Over TCP.
     Tcp(TcpStream),
+    /// Over TLS on TCP (`tls_dir=`), see [`crate::tls`].
+    Tls(Box<TlsStream>),
 }
 
 impl MigrationStream {
@@ -222,6 +226,11 @@ impl MigrationStream {
                 .set_nodelay(true)
                 .and_then(|_| s.set_read_timeout(io_timeout))
                 .and_then(|_| s.set_write_timeout(io_timeout)),
+            MigrationStream::Tls(s) => s
+                .tcp()
+                .set_nodelay(true)
+                .and_then(|_| s.tcp().set_read_timeout(io_timeout))
+                .and_then(|_| s.tcp().set_write_timeout(io_timeout)),
         };
         res.map_err(TransportError::Configure)
     }
@@ -230,7 +239,7 @@ impl MigrationStream {
     pub fn as_unix(&self) -> Option<&UnixStream> {
         match self {
             MigrationStream::Unix(s) => Some(s),
-            MigrationStream::Tcp(_) => None,
+            MigrationStream::Tcp(_) | MigrationStream::Tls(_) => None,
         }
     }
 
@@ -239,6 +248,7 @@ impl MigrationStream {
         match self {
             MigrationStream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             MigrationStream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            MigrationStream::Tls(s) => s.tcp().shutdown(std::net::Shutdown::Both),
         }
     }
 }
@@ -268,6 +278,7 @@ impl AsFd for MigrationStream {
         match self {
             MigrationStream::Unix(s) => s.as_fd(),
             MigrationStream::Tcp(s) => s.as_fd(),
+            MigrationStream::Tls(s) => s.tcp().as_fd(),
         }
     }
 }
@@ -283,6 +294,7 @@ impl Read for MigrationStream {
         match self {
             MigrationStream::Unix(s) => s.read(buf),
             MigrationStream::Tcp(s) => s.read(buf),
+            MigrationStream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -292,6 +304,7 @@ impl Write for MigrationStream {
         match self {
             MigrationStream::Unix(s) => s.write(buf),
             MigrationStream::Tcp(s) => s.write(buf),
+            MigrationStream::Tls(s) => s.write(buf),
         }
     }
 
@@ -299,6 +312,7 @@ impl Write for MigrationStream {
         match self {
             MigrationStream::Unix(s) => s.flush(),
             MigrationStream::Tcp(s) => s.flush(),
+            MigrationStream::Tls(s) => s.flush(),
         }
     }
 }
@@ -311,6 +325,7 @@ impl ReadVolatile for MigrationStream {
         match self {
             MigrationStream::Unix(s) => s.read_volatile(buf),
             MigrationStream::Tcp(s) => s.read_volatile(buf),
+            MigrationStream::Tls(s) => s.read_volatile(buf),
         }
     }
 }
@@ -323,6 +338,7 @@ impl WriteVolatile for MigrationStream {
         match self {
             MigrationStream::Unix(s) => s.write_volatile(buf),
             MigrationStream::Tcp(s) => s.write_volatile(buf),
+            MigrationStream::Tls(s) => s.write_volatile(buf),
         }
     }
 }
@@ -372,8 +388,18 @@ impl MigrationListener {
         timeout: Option<Duration>,
         io_timeout: Option<Duration>,
     ) -> Result<MigrationStream, TransportError> {
+        self.accept(timeout, io_timeout)
+    }
+
+    /// Like [`MigrationListener::accept_one`], keeping the listener for more connections
+    /// (`connections=<n>`).
+    pub fn accept(
+        &self,
+        timeout: Option<Duration>,
+        io_timeout: Option<Duration>,
+    ) -> Result<MigrationStream, TransportError> {
         wait_readable(self.as_fd(), timeout)?;
-        let stream = match &self {
+        let stream = match self {
             MigrationListener::Unix(l, _) => {
                 MigrationStream::Unix(l.accept().map_err(TransportError::Accept)?.0)
             }

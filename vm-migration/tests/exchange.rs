@@ -91,6 +91,9 @@ fn destination(stream: UnixStream) -> (Mem, u64) {
                 break;
             }
             Command::MemoryFd => Response::error(ErrorReason::Unsupported, "not local"),
+            Command::Connections | Command::Join => {
+                Response::error(ErrorReason::Unsupported, "one connection")
+            }
         };
         let fatal = matches!(response, Response::Error { .. });
         response.write_to(&mut s).unwrap();

@@ -7,6 +7,8 @@
 //! | `http-server`    | [`crate::api::start_http_server`] | accept, read and answer API connections, hand requests over a channel, remove the socket when told to stop |
 //! | `balloon-worker` | the balloon's worker start hook   | epoll over its eventfds, `madvise(MADV_DONTNEED)`, punching holes in shared guest RAM |
 //! | `migration-recv` | [`crate::migration::receive::start_receiving`] | what the VMM thread may do, less opening, binding and connecting sockets and reading dirty logs: accept the source on a listener the VMM thread bound, read the stream (memfds with `SCM_RIGHTS`), build and restore the VM, start its vCPUs and balloon worker |
+//! | `migration-tx-N` | [`crate::migration::stripes::send`] | read and write one connected migration stream (an added connection of `connections=<n>`), plain or TLS |
+//! | `migration-rx-N` | [`crate::migration::stripes::receive`] | the same, on the receiving side, writing into guest memory |
 //! | VMM (main)       | [`crate::controller::start_vmm`]  | create and run VMs (KVM system, VM and vCPU ioctls, guest RAM and memfds, kernel and serial files), migrate them over UNIX or TCP sockets (with `SCM_RIGHTS`), start the other threads |
 //!
 //! Every list also holds what the Rust and C runtimes need on any thread: memory allocation
@@ -104,16 +106,22 @@ pub enum ThreadKind {
     Vmm,
     /// The `migration-recv` thread, which receives an incoming migration.
     MigrationReceive,
+    /// A `migration-tx-N` thread: sends its part of each round on an added connection.
+    MigrationSendStream,
+    /// A `migration-rx-N` thread: writes what an added connection brings into guest memory.
+    MigrationReceiveStream,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vcpu,
         ThreadKind::HttpServer,
         ThreadKind::BalloonWorker,
         ThreadKind::Vmm,
         ThreadKind::MigrationReceive,
+        ThreadKind::MigrationSendStream,
+        ThreadKind::MigrationReceiveStream,
     ];
 
     /// A short name, for messages.
@@ -124,6 +132,8 @@ impl ThreadKind {
             ThreadKind::BalloonWorker => "balloon-worker",
             ThreadKind::Vmm => "vmm",
             ThreadKind::MigrationReceive => "migration-recv",
+            ThreadKind::MigrationSendStream => "migration-tx",
+            ThreadKind::MigrationReceiveStream => "migration-rx",
         }
     }
 }
@@ -657,6 +667,25 @@ fn migration_receive() -> Allow {
     a
 }
 
+/// A `migration-tx-N` or `migration-rx-N` thread: one connected stream (plain or TLS) that
+/// it reads and writes, guest memory, and a channel to the thread that started it. Its socket
+/// was connected or accepted (and its TLS handshake done) before it started: no socket calls
+/// beyond reading, writing and shutting down; TLS draws randomness with `getrandom` (in every
+/// list).
+fn migration_stream() -> Allow {
+    let mut a = runtime();
+    a.any(&[
+        libc::SYS_read,
+        libc::SYS_readv,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+        libc::SYS_close,
+    ]);
+    a
+}
+
 fn allowlist(kind: ThreadKind) -> Allow {
     match kind {
         ThreadKind::Vcpu => vcpu(),
@@ -664,6 +693,7 @@ fn allowlist(kind: ThreadKind) -> Allow {
         ThreadKind::BalloonWorker => balloon_worker(),
         ThreadKind::Vmm => vmm(),
         ThreadKind::MigrationReceive => migration_receive(),
+        ThreadKind::MigrationSendStream | ThreadKind::MigrationReceiveStream => migration_stream(),
     }
 }
 

@@ -249,6 +249,11 @@ impl Vm {
         &self.memory
     }
 
+    /// How this VM's threads are filtered (threads a migration starts use the same mode).
+    pub fn seccomp_mode(&self) -> SeccompMode {
+        self.seccomp
+    }
+
     /// The hypervisor VM.
     pub fn hypervisor_vm(&self) -> &Arc<dyn HypervisorVm> {
         &self.vm

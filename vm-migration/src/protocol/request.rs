@@ -28,6 +28,10 @@ pub enum Command {
     Complete = 6,
     /// The migration is abandoned; the destination drops the VM. No payload.
     Abandon = 7,
+    /// More connections will carry memory (`connections=<n>`); see [`crate::striping`].
+    Connections = 8,
+    /// The first request on an added connection; see [`crate::striping`].
+    Join = 9,
 }
 
 impl Command {
@@ -41,6 +45,8 @@ impl Command {
             5 => Command::State,
             6 => Command::Complete,
             7 => Command::Abandon,
+            8 => Command::Connections,
+            9 => Command::Join,
             other => return Err(ProtocolError::UnknownCommand(other)),
         })
     }
@@ -58,6 +64,7 @@ impl Command {
             Command::Config | Command::State => MAX_PAYLOAD_BYTES,
             Command::Memory => MAX_RANGE_TABLE_BYTES,
             Command::MemoryFd => MAX_MEMORY_FDS as u64 * MEMORY_FD_ENTRY_SIZE,
+            Command::Connections | Command::Join => crate::striping::STRIPE_PAYLOAD_BYTES,
         }
     }
 }
@@ -282,7 +289,7 @@ mod tests {
                 supported: 1
             })
         ));
-        for code in [0u8, 8, 0xff] {
+        for code in [0u8, 10, 0xff] {
             assert!(matches!(
                 tweak(|b| b[6] = code),
                 Err(ProtocolError::UnknownCommand(_))

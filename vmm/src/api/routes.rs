@@ -235,6 +235,7 @@ mod tests {
             ApiRequest::VmSendMigration(SendMigrationData::new("unix:/tmp/m")),
             ApiRequest::VmReceiveMigration(ReceiveMigrationData {
                 receiver_url: "tcp:0.0.0.0:1".into(),
+                tls_dir: Some("/etc/tls".into()),
             }),
             ApiRequest::VmBalloonHintsPut(BalloonHintsAction {
                 action: HintAction::Stop,

@@ -172,4 +172,12 @@ pub enum ConfigError {
     /// A resize request that resizes nothing.
     #[error("vm.resize: nothing to resize (give desired_balloon)")]
     NothingToResize,
+    /// Migration options that do not fit together (`connections`, `tls_dir`).
+    #[error("{flag}: {problem}")]
+    MigrationOption {
+        /// `send-migration` or `receive-migration`.
+        flag: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
 }

@@ -1,7 +1,10 @@
 //! Bodies of the API requests other than `vm.create`, with the `ch-remote` option strings that
 //! build them.
 
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
+use vm_migration::striping::MAX_CONNECTIONS;
 
 use super::{ConfigError, OptionParser};
 
@@ -30,6 +33,21 @@ pub struct SendMigrationData {
     /// STOP, or once no new hint came for half a second. Default 10000.
     #[serde(default = "default_hint_wait_ms")]
     pub hint_wait_ms: u64,
+    /// Directory of TLS files (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`): encrypt the
+    /// TCP connections and authenticate both VMMs. Default none (plain TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// Connections carrying guest memory, 1 to 16, each with its own thread. Default 1.
+    #[serde(default = "default_connections", skip_serializing_if = "is_one")]
+    pub connections: u32,
+}
+
+fn default_connections() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 fn default_downtime_ms() -> u64 {
@@ -59,12 +77,14 @@ impl SendMigrationData {
             free_page_hints: true,
             zero_pages: true,
             hint_wait_ms: default_hint_wait_ms(),
+            tls_dir: None,
+            connections: default_connections(),
         }
     }
 
     /// Parses `ch-remote send-migration`'s argument: either a bare URL, or
     /// `destination_url=<url>[,downtime_ms=<n>][,timeout_s=<n>][,free_page_hints=on|off]
-    /// [,zero_pages=on|off][,hint_wait_ms=<n>][,local=on|off]`.
+    /// [,zero_pages=on|off][,hint_wait_ms=<n>][,local=on|off][,tls_dir=<dir>][,connections=<n>]`.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         const FLAG: &str = "send-migration";
         if !is_key_value(input) {
@@ -83,6 +103,8 @@ impl SendMigrationData {
                 "free_page_hints",
                 "zero_pages",
                 "hint_wait_ms",
+                "tls_dir",
+                "connections",
             ],
         )?;
         let url = p.get("destination_url").ok_or(ConfigError::MissingKey {
@@ -99,15 +121,37 @@ impl SendMigrationData {
                 .unwrap_or(defaults.free_page_hints),
             zero_pages: p.toggle("zero_pages")?.unwrap_or(defaults.zero_pages),
             hint_wait_ms: p.number("hint_wait_ms")?.unwrap_or(defaults.hint_wait_ms),
+            tls_dir: p.get("tls_dir").map(PathBuf::from),
+            connections: p.number("connections")?.unwrap_or(defaults.connections),
             ..defaults
         };
         data.validate()?;
         Ok(data)
     }
 
-    /// Checks the destination URL.
+    /// Checks the destination URL, and that the connection count and TLS fit it.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_url("destination_url", &self.destination_url)
+        const FLAG: &str = "send-migration";
+        check_url("destination_url", &self.destination_url)?;
+        check_tls_dir(FLAG, self.tls_dir.as_deref(), &self.destination_url)?;
+        let bad = |problem: String| {
+            Err(ConfigError::MigrationOption {
+                flag: FLAG,
+                problem,
+            })
+        };
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return bad(format!(
+                "connections must be 1 to {MAX_CONNECTIONS} (got {})",
+                self.connections
+            ));
+        }
+        if self.local && self.connections > 1 {
+            return bad(
+                "connections cannot be used with local migration (no memory is copied)".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -117,25 +161,40 @@ impl SendMigrationData {
 pub struct ReceiveMigrationData {
     /// `unix:<path>` or `tcp:<host>:<port>` to listen on.
     pub receiver_url: String,
+    /// Directory of TLS files (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`): accept only
+    /// an encrypted connection from a source whose certificate chains to the CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 impl ReceiveMigrationData {
-    /// Parses `ch-remote receive-migration`'s argument: a bare URL or `receiver_url=<url>`.
+    /// Parses `ch-remote receive-migration`'s argument: a bare URL or
+    /// `receiver_url=<url>[,tls_dir=<dir>]`.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
-        let receiver_url = if is_key_value(input) {
-            let p = OptionParser::parse("receive-migration", input, &["receiver_url"])?;
-            p.get("receiver_url").unwrap_or_default().to_string()
+        let data = if is_key_value(input) {
+            let p = OptionParser::parse("receive-migration", input, &["receiver_url", "tls_dir"])?;
+            ReceiveMigrationData {
+                receiver_url: p.get("receiver_url").unwrap_or_default().to_string(),
+                tls_dir: p.get("tls_dir").map(PathBuf::from),
+            }
         } else {
-            input.to_string()
+            ReceiveMigrationData {
+                receiver_url: input.to_string(),
+                tls_dir: None,
+            }
         };
-        let data = ReceiveMigrationData { receiver_url };
         data.validate()?;
         Ok(data)
     }
 
-    /// Checks the receiver URL.
+    /// Checks the receiver URL, and that TLS comes with a TCP one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_url("receiver_url", &self.receiver_url)
+        check_url("receiver_url", &self.receiver_url)?;
+        check_tls_dir(
+            "receive-migration",
+            self.tls_dir.as_deref(),
+            &self.receiver_url,
+        )
     }
 }
 
@@ -215,6 +274,20 @@ fn is_key_value(input: &str) -> bool {
     })
 }
 
+/// Checks that a `tls_dir` is a non-empty path and comes with a `tcp:` URL.
+fn check_tls_dir(flag: &'static str, dir: Option<&Path>, url: &str) -> Result<(), ConfigError> {
+    let problem = match dir {
+        None => return Ok(()),
+        Some(dir) if dir.as_os_str().is_empty() => "tls_dir is empty",
+        Some(_) if !url.starts_with("tcp:") => "tls_dir needs a tcp: URL (TLS runs over TCP)",
+        Some(_) => return Ok(()),
+    };
+    Err(ConfigError::MigrationOption {
+        flag,
+        problem: problem.into(),
+    })
+}
+
 /// Checks that `url` is `unix:<path>` or `tcp:<host>:<port>`.
 fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
     let ok = if let Some(path) = url.strip_prefix("unix:") {
@@ -276,6 +349,8 @@ mod tests {
                 free_page_hints: false,
                 zero_pages: false,
                 hint_wait_ms: 7,
+                tls_dir: None,
+                connections: 1,
             }
         );
     }
@@ -352,6 +427,83 @@ mod tests {
             r#"{"receiver_url": "unix:/x", "y": 1}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn send_migration_tls_and_connections() {
+        let d = SendMigrationData::parse(
+            "destination_url=tcp:host:1234,tls_dir=/etc/ch/tls,connections=4",
+        )
+        .unwrap();
+        assert_eq!(d.tls_dir.as_deref(), Some(Path::new("/etc/ch/tls")));
+        assert_eq!(d.connections, 4);
+        assert_eq!(SendMigrationData::parse("tcp:h:1").unwrap().connections, 1);
+        // Several connections over a UNIX socket are allowed (the same striping).
+        SendMigrationData::parse("destination_url=unix:/x,connections=2").unwrap();
+        for (bad, message) in [
+            (
+                "destination_url=tcp:h:1,connections=0",
+                "send-migration: connections must be 1 to 16 (got 0)",
+            ),
+            (
+                "destination_url=tcp:h:1,connections=17",
+                "send-migration: connections must be 1 to 16 (got 17)",
+            ),
+            (
+                "destination_url=unix:/x,tls_dir=/d",
+                "send-migration: tls_dir needs a tcp: URL (TLS runs over TCP)",
+            ),
+            (
+                "destination_url=unix:/x,local=on,connections=2",
+                "send-migration: connections cannot be used with local migration (no memory is \
+                 copied)",
+            ),
+        ] {
+            assert_eq!(
+                SendMigrationData::parse(bad).unwrap_err().to_string(),
+                message
+            );
+        }
+        assert!(SendMigrationData::parse("destination_url=tcp:h:1,connections=x").is_err());
+        // JSON: the new fields are optional, and left out of the body when not set.
+        let d: SendMigrationData = serde_json::from_str(
+            r#"{"destination_url": "tcp:h:1", "tls_dir": "/d", "connections": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (d.tls_dir.as_deref(), d.connections),
+            (Some(Path::new("/d")), 3)
+        );
+        let json = serde_json::to_value(SendMigrationData::new("tcp:h:1")).unwrap();
+        assert!(json.get("tls_dir").is_none() && json.get("connections").is_none());
+        let d: SendMigrationData =
+            serde_json::from_str(r#"{"destination_url": "tcp:h:1", "connections": 20}"#).unwrap();
+        assert!(d.validate().is_err());
+    }
+
+    #[test]
+    fn receive_migration_tls() {
+        let d = ReceiveMigrationData::parse("receiver_url=tcp:0.0.0.0:6000,tls_dir=/d").unwrap();
+        assert_eq!(d.tls_dir.as_deref(), Some(Path::new("/d")));
+        assert_eq!(
+            ReceiveMigrationData::parse("tcp:0.0.0.0:6000")
+                .unwrap()
+                .tls_dir,
+            None
+        );
+        assert_eq!(
+            ReceiveMigrationData::parse("receiver_url=unix:/x,tls_dir=/d")
+                .unwrap_err()
+                .to_string(),
+            "receive-migration: tls_dir needs a tcp: URL (TLS runs over TCP)"
+        );
+        let d: ReceiveMigrationData =
+            serde_json::from_str(r#"{"receiver_url": "tcp:h:1", "tls_dir": "/d"}"#).unwrap();
+        assert!(d.validate().is_ok());
+        assert_eq!(
+            serde_json::to_string(&ReceiveMigrationData::parse("tcp:h:1").unwrap()).unwrap(),
+            r#"{"receiver_url":"tcp:h:1"}"#
+        );
     }
 
     #[test]

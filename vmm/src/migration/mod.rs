@@ -23,11 +23,13 @@
 pub mod hints;
 pub mod receive;
 pub mod send;
+pub mod stripes;
 
 use thiserror::Error;
 use vm_migration::protocol::ProtocolError;
+use vm_migration::striping::StripeError;
 use vm_migration::{
-    ErrorReason, HintError, MemoryStreamError, RangeError, TransportError, ZeroPageError,
+    ErrorReason, HintError, MemoryStreamError, RangeError, TlsError, TransportError, ZeroPageError,
 };
 
 use crate::vm::VmError;
@@ -92,6 +94,35 @@ pub enum MigrationError {
     /// The receiving thread could not install its seccomp filter.
     #[error("cannot filter the migration-recv thread")]
     Seccomp(#[source] crate::seccomp::SeccompError),
+    /// Loading the TLS files, or the TLS handshake, failed (the message says which).
+    #[error(transparent)]
+    Tls(TlsError),
+    /// A Connections or Join request was malformed or did not fit.
+    #[error("bad added connection")]
+    Stripe(#[source] StripeError),
+    /// An added connection (`connections=<n>`) failed.
+    #[error("migration connection {index} failed")]
+    Connection {
+        /// Its index (1 for the first added one).
+        index: usize,
+        /// What went wrong.
+        #[source]
+        source: Box<MigrationError>,
+    },
+    /// Not every added connection arrived in time.
+    #[error("only {joined} of {expected} added migration connections arrived")]
+    JoinTimeout {
+        /// Connections that joined.
+        joined: usize,
+        /// Connections announced.
+        expected: usize,
+    },
+    /// A `migration-tx` thread ended early.
+    #[error("a migration connection thread ended")]
+    StreamThreadGone,
+    /// A migration connection thread could not install its seccomp filter.
+    #[error("cannot filter a migration connection thread: {0}")]
+    StreamSeccomp(String),
 }
 
 impl MigrationError {
@@ -105,6 +136,8 @@ impl MigrationError {
             MigrationError::Vm(_) => ErrorReason::State,
             MigrationError::Unexpected(_) => ErrorReason::Protocol,
             MigrationError::Ram(_) => ErrorReason::InvalidMemory,
+            MigrationError::Stripe(_) => ErrorReason::Protocol,
+            MigrationError::Connection { source, .. } => source.reason(),
             _ => ErrorReason::Internal,
         }
     }

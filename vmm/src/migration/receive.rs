@@ -22,10 +22,13 @@ use std::time::{Duration, Instant};
 
 use hypervisor::Hypervisor;
 use vm_migration::protocol::{self, Command, RequestHeader};
+use vm_migration::striping::ConnectionsRequest;
 use vm_migration::{
     receive_memory, MigrationListener, MigrationStream, MigrationUrl, RamRegions, Response,
+    TlsServer,
 };
 
+use super::stripes::receive::{ReceiveStripes, StripeContext};
 use super::MigrationError;
 use crate::config::{ReceiveMigrationData, VmConfig};
 use crate::memory;
@@ -161,6 +164,7 @@ pub fn start_receiving(
     done: impl FnOnce(Result<Vm, MigrationError>) + Send + 'static,
 ) -> Result<IncomingMigration, MigrationError> {
     let url: MigrationUrl = data.receiver_url.parse().map_err(MigrationError::Url)?;
+    let tls = super::stripes::load_server(data.tls_dir.as_deref())?;
     let listener = MigrationListener::bind(&url).map_err(MigrationError::Transport)?;
     let control = Arc::new(ReceiveControl::default());
     let shared = control.clone();
@@ -169,7 +173,7 @@ pub fn start_receiving(
         .spawn(move || {
             let result = seccomp::apply(ThreadKind::MigrationReceive, context.seccomp)
                 .map_err(MigrationError::Seccomp)
-                .and_then(|()| receive_migration(listener, &context, &shared));
+                .and_then(|()| receive_migration(listener, tls, &context, &shared));
             if let Err(e) = &result {
                 log::error!("incoming migration failed: {}", crate::api::error_chain(e));
             }
@@ -215,10 +219,7 @@ fn wait_for_source(
 
 /// A second handle on the connection (for [`IncomingMigration::cancel`]).
 fn clone_stream(stream: &MigrationStream) -> Option<MigrationStream> {
-    match stream {
-        MigrationStream::Unix(s) => s.try_clone().ok().map(MigrationStream::Unix),
-        MigrationStream::Tcp(s) => s.try_clone().ok().map(MigrationStream::Tcp),
-    }
+    super::stripes::waker(stream)
 }
 
 struct Receiver<'c> {
@@ -227,21 +228,31 @@ struct Receiver<'c> {
     config: Option<VmConfig>,
     vm: Option<Vm>,
     ram: Option<RamRegions>,
+    /// Kept until the source has said whether more connections come (`connections=<n>`).
+    listener: Option<MigrationListener>,
+    tls: Option<TlsServer>,
+    /// The added connections and their threads.
+    stripes: Option<ReceiveStripes>,
 }
 
 /// Waits for one migration on `listener` and returns the running VM.
 fn receive_migration(
     listener: MigrationListener,
+    tls: Option<TlsServer>,
     context: &ReceiveContext,
     control: &ReceiveControl,
 ) -> Result<Vm, MigrationError> {
     wait_for_source(&listener, control)?;
-    let mut stream = listener
-        .accept_one(Some(CANCEL_POLL), Some(IO_TIMEOUT))
+    let stream = listener
+        .accept(Some(CANCEL_POLL), Some(IO_TIMEOUT))
         .map_err(MigrationError::Transport)?;
     *lock(&control.stream) = clone_stream(&stream);
     // A cancel between the accept and the line above found no stream to shut down.
     control.check()?;
+    let mut stream = match &tls {
+        Some(tls) => stream.into_tls_server(tls).map_err(MigrationError::Tls)?,
+        None => stream,
+    };
     control.set_phase(ReceivePhase::Receiving);
     let mut receiver = Receiver {
         context,
@@ -249,6 +260,9 @@ fn receive_migration(
         config: None,
         vm: None,
         ram: None,
+        listener: Some(listener),
+        tls,
+        stripes: None,
     };
     let result = receiver.serve(&mut stream);
     *lock(&control.stream) = None;
@@ -300,8 +314,22 @@ impl Receiver<'_> {
         header: &RequestHeader,
         stream: &mut MigrationStream,
     ) -> Result<Next, MigrationError> {
+        if !matches!(
+            header.command(),
+            Command::Start | Command::Config | Command::Connections
+        ) {
+            // No more connections come: the UNIX socket path goes away with the listener.
+            self.listener = None;
+        }
         match header.command() {
             Command::Start => Ok(Next::Continue),
+            Command::Connections => {
+                let payload =
+                    protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
+                self.accept_stripes(&payload)?;
+                Ok(Next::Continue)
+            }
+            Command::Join => Err(MigrationError::Unexpected("Join on the first connection")),
             Command::Config => {
                 let payload =
                     protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
@@ -345,6 +373,10 @@ impl Receiver<'_> {
             }
             Command::State => {
                 self.control.set_phase(ReceivePhase::Restoring);
+                // Every part of every round was acknowledged: stop the added connections.
+                if let Some(stripes) = self.stripes.take() {
+                    stripes.finish()?;
+                }
                 let payload =
                     protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
                 let snapshot: VmSnapshot = serde_json::from_slice(&payload)
@@ -370,6 +402,31 @@ impl Receiver<'_> {
             }
             Command::Abandon => Err(MigrationError::Abandoned),
         }
+    }
+
+    /// `connections=<n>`: builds the VM (its memory is written from every connection), then
+    /// accepts and starts the added connections on the listener.
+    fn accept_stripes(&mut self, payload: &[u8]) -> Result<(), MigrationError> {
+        let request = ConnectionsRequest::from_bytes(payload).map_err(MigrationError::Stripe)?;
+        self.ensure_vm()?;
+        let listener = self
+            .listener
+            .take()
+            .ok_or(MigrationError::Unexpected("second Connections"))?;
+        let (Some(vm), Some(ram)) = (&self.vm, &self.ram) else {
+            return Err(MigrationError::Unexpected("Connections"));
+        };
+        let context = StripeContext {
+            listener: &listener,
+            tls: self.tls.as_ref(),
+            memory: vm.memory(),
+            ram,
+            seccomp: self.context.seccomp,
+        };
+        let control = self.control;
+        let stripes = ReceiveStripes::accept(&request, &context, || control.check())?;
+        self.stripes = Some(stripes);
+        Ok(())
     }
 
     fn ensure_vm(&mut self) -> Result<(), MigrationError> {

@@ -10,21 +10,18 @@ use std::time::{Duration, Instant};
 use vm_migration::protocol::{self, Command};
 use vm_migration::report::duration_ms;
 use vm_migration::{
-    send_memory, CountingStream, DirtyLoggingStarted, DirtyRound, HintRound, HintsReport,
-    MemoryRange, MemoryRangeTable, MigrationReport, MigrationStream, MigrationUrl, RamRegions,
-    Response, ZeroPageFilter,
+    CountingStream, DirtyLoggingStarted, DirtyRound, HintRound, HintsReport, MemoryRange,
+    MemoryRangeTable, MigrationReport, MigrationStream, MigrationUrl, RamRegions, Response,
+    TlsClient, TransportReport, ZeroPageFilter,
 };
 
 use super::hints::{FreePageHinter, HintWait, HintsUnavailable, MonotonicClock, RoundEnd};
+use super::stripes::{self, send::SendStripes};
 use super::MigrationError;
 use crate::config::SendMigrationData;
 use crate::memory::GuestMemoryMmap;
 use crate::vm::{Vm, VmState};
 
-/// How long to wait for the destination to accept the connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long any single read or write on the connection may block.
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pre-copy rounds after round 0 before the VM is paused whatever the estimate says.
 const MAX_DIRTY_ROUNDS: u32 = 30;
 /// Bandwidth assumed before the first round has measured one (bytes per second).
@@ -50,8 +47,8 @@ pub fn send_migration(
             return Err(MigrationError::LocalNeedsSharedMemory);
         }
     }
-    let stream = MigrationStream::connect(&url, CONNECT_TIMEOUT, Some(IO_TIMEOUT))
-        .map_err(MigrationError::Transport)?;
+    let tls = stripes::load_client(data.tls_dir.as_deref())?;
+    let stream = stripes::connect(&url, tls.as_ref())?;
     let mut sender = Sender {
         vm,
         stream: CountingStream::new(stream),
@@ -61,6 +58,9 @@ pub fn send_migration(
         paused: false,
         hints_held: false,
         hinter,
+        url,
+        tls,
+        stripes: SendStripes::default(),
     };
     match sender.run(data, start) {
         Ok(()) => Ok(sender.report),
@@ -88,6 +88,10 @@ struct Sender<'a, 'h> {
     /// The guest's driver may hold hinted blocks until it hears DONE.
     hints_held: bool,
     hinter: Option<&'h dyn FreePageHinter>,
+    url: MigrationUrl,
+    tls: Option<TlsClient>,
+    /// The added connections of `connections=<n>` (none by default).
+    stripes: SendStripes,
 }
 
 impl Sender<'_, '_> {
@@ -102,6 +106,18 @@ impl Sender<'_, '_> {
         let config =
             serde_json::to_vec(self.vm.config()).map_err(|e| MigrationError::Json("config", e))?;
         self.request(Command::Config, &config)?;
+        if !data.local {
+            let seccomp = self.vm.seccomp_mode();
+            let (url, tls) = (&self.url, self.tls.as_ref());
+            self.stripes = SendStripes::open(
+                &mut self.stream,
+                url,
+                data.connections,
+                tls,
+                &memory,
+                seccomp,
+            )?;
+        }
         self.report.phases.setup_ms = duration_ms(start.elapsed());
 
         if data.local {
@@ -124,7 +140,11 @@ impl Sender<'_, '_> {
         self.report.downtime_ms += duration_ms(pause_at.elapsed());
         self.report.phases.stopped_ms = self.report.downtime_ms;
         self.report.total_ms = duration_ms(start.elapsed());
-        self.report.wire_bytes = self.stream.bytes_written();
+        self.report.wire_bytes = self.stream.bytes_written() + self.stripes.wire_bytes();
+        self.report.transport = Some(TransportReport {
+            connections: self.stripes.connections(),
+            tls: self.tls.is_some(),
+        });
         Ok(())
     }
 
@@ -323,18 +343,15 @@ impl Sender<'_, '_> {
             None => table,
         };
         let filtered = started.elapsed();
-        let sent = send_memory(memory, &table, &mut self.stream).map_err(MigrationError::Memory)?;
-        let written = started.elapsed();
+        // Part by part on every connection, each acknowledged.
+        let sent = self.stripes.send_round(memory, &table, &mut self.stream)?;
         log::debug!(
-            "round {}: {} ranges, zero scan {:?}, write {:?}",
+            "round {}: {} ranges, zero scan {:?}, write and ack {:?}",
             self.report.rounds + 1,
             table.len(),
             filtered,
-            written - filtered
+            started.elapsed() - filtered
         );
-        Response::read_from(&mut self.stream)
-            .and_then(Response::into_result)
-            .map_err(MigrationError::Protocol)?;
         let secs = started.elapsed().as_secs_f64();
         if sent >= (16 << 20) && secs > 0.0 {
             self.bandwidth = sent as f64 / secs;
