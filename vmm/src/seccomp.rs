@@ -104,16 +104,19 @@ pub enum ThreadKind {
     Vmm,
     /// The `migration-recv` thread, which receives an incoming migration.
     MigrationReceive,
+    /// The `migration-send` thread, which sends the VM to another VMM.
+    MigrationSend,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vcpu,
         ThreadKind::HttpServer,
         ThreadKind::BalloonWorker,
         ThreadKind::Vmm,
         ThreadKind::MigrationReceive,
+        ThreadKind::MigrationSend,
     ];
 
     /// A short name, for messages.
@@ -124,6 +127,7 @@ impl ThreadKind {
             ThreadKind::BalloonWorker => "balloon-worker",
             ThreadKind::Vmm => "vmm",
             ThreadKind::MigrationReceive => "migration-recv",
+            ThreadKind::MigrationSend => "migration-send",
         }
     }
 }
@@ -657,6 +661,42 @@ fn migration_receive() -> Allow {
     a
 }
 
+/// The `migration-send` thread: it connects (resolving a host name from /etc/hosts or DNS),
+/// reads guest memory (shared, no calls) and writes it to the socket, passes memfds in local
+/// mode, and starts, stops and ends the balloon's hint rounds (eventfd writes). Everything that
+/// touches the VM itself (KVM's dirty log, pausing vCPUs, device state) is done by the VMM thread
+/// for it: no ioctl at all, no thread, no file written, no listening socket.
+fn migration_send() -> Allow {
+    let mut a = vmm();
+    for nr in [
+        libc::SYS_ioctl,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_accept4,
+        libc::SYS_memfd_create,
+        libc::SYS_ftruncate,
+        libc::SYS_eventfd2,
+        libc::SYS_unlink,
+        libc::SYS_openat,
+        libc::SYS_fallocate,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_prctl,
+        libc::SYS_seccomp,
+        libc::SYS_rt_sigaction,
+        libc::SYS_tgkill,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+    ] {
+        a.0.remove(&nr);
+    }
+    a.when(libc::SYS_openat, read_only_open())
+        .when(libc::SYS_tgkill, one_of(2, &[libc::SIGABRT as u64]));
+    a
+}
+
 fn allowlist(kind: ThreadKind) -> Allow {
     match kind {
         ThreadKind::Vcpu => vcpu(),
@@ -664,6 +704,7 @@ fn allowlist(kind: ThreadKind) -> Allow {
         ThreadKind::BalloonWorker => balloon_worker(),
         ThreadKind::Vmm => vmm(),
         ThreadKind::MigrationReceive => migration_receive(),
+        ThreadKind::MigrationSend => migration_send(),
     }
 }
 

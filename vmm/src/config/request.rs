@@ -17,7 +17,7 @@ pub struct SendMigrationData {
     /// Downtime target for the final round, in milliseconds. Default 300.
     #[serde(default = "default_downtime_ms")]
     pub downtime_ms: u64,
-    /// Give up (and keep the source running) after this many seconds. Default 3600.
+    /// Seconds of dirty rounds before `timeout_strategy` applies. Default 3600.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     /// Use free page hints from the guest to skip free pages in round 0. Default true.
@@ -30,6 +30,42 @@ pub struct SendMigrationData {
     /// STOP, or once no new hint came for half a second. Default 10000.
     #[serde(default = "default_hint_wait_ms")]
     pub hint_wait_ms: u64,
+    /// What to do when `timeout_s` passes before the rounds fit `downtime_ms`. Default
+    /// `cancel`, as in Cloud Hypervisor (and left out of the JSON then).
+    #[serde(default, skip_serializing_if = "TimeoutStrategy::is_default")]
+    pub timeout_strategy: TimeoutStrategy,
+}
+
+/// `timeout_strategy` of `vm.send-migration`: Cloud Hypervisor's values (`Cancel`, `Ignore`),
+/// lower case accepted too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeoutStrategy {
+    /// Give up: the VM keeps running here, the migration ends `cancelled`.
+    #[default]
+    #[serde(alias = "cancel")]
+    Cancel,
+    /// Pause the VM and finish, whatever the downtime.
+    #[serde(alias = "ignore")]
+    Ignore,
+}
+
+impl TimeoutStrategy {
+    fn is_default(&self) -> bool {
+        *self == TimeoutStrategy::default()
+    }
+
+    /// Parses `cancel` or `ignore` (any case).
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        match value.to_ascii_lowercase().as_str() {
+            "cancel" => Ok(TimeoutStrategy::Cancel),
+            "ignore" => Ok(TimeoutStrategy::Ignore),
+            _ => Err(ConfigError::InvalidValue {
+                flag: "send-migration",
+                value: value.to_string(),
+                expected: "timeout_strategy=cancel or timeout_strategy=ignore",
+            }),
+        }
+    }
 }
 
 fn default_downtime_ms() -> u64 {
@@ -59,12 +95,13 @@ impl SendMigrationData {
             free_page_hints: true,
             zero_pages: true,
             hint_wait_ms: default_hint_wait_ms(),
+            timeout_strategy: TimeoutStrategy::default(),
         }
     }
 
     /// Parses `ch-remote send-migration`'s argument: either a bare URL, or
     /// `destination_url=<url>[,downtime_ms=<n>][,timeout_s=<n>][,free_page_hints=on|off]
-    /// [,zero_pages=on|off][,hint_wait_ms=<n>][,local=on|off]`.
+    /// [,zero_pages=on|off][,hint_wait_ms=<n>][,local=on|off][,timeout_strategy=cancel|ignore]`.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         const FLAG: &str = "send-migration";
         if !is_key_value(input) {
@@ -83,6 +120,7 @@ impl SendMigrationData {
                 "free_page_hints",
                 "zero_pages",
                 "hint_wait_ms",
+                "timeout_strategy",
             ],
         )?;
         let url = p.get("destination_url").ok_or(ConfigError::MissingKey {
@@ -99,6 +137,10 @@ impl SendMigrationData {
                 .unwrap_or(defaults.free_page_hints),
             zero_pages: p.toggle("zero_pages")?.unwrap_or(defaults.zero_pages),
             hint_wait_ms: p.number("hint_wait_ms")?.unwrap_or(defaults.hint_wait_ms),
+            timeout_strategy: match p.get("timeout_strategy") {
+                Some(v) => TimeoutStrategy::parse(v)?,
+                None => defaults.timeout_strategy,
+            },
             ..defaults
         };
         data.validate()?;
@@ -263,7 +305,7 @@ mod tests {
     fn send_migration_key_value() {
         let d = SendMigrationData::parse(
             "destination_url=tcp:host:1234,downtime_ms=50,timeout_s=10,free_page_hints=off,\
-             zero_pages=off,hint_wait_ms=7,local=on",
+             zero_pages=off,hint_wait_ms=7,local=on,timeout_strategy=ignore",
         )
         .unwrap();
         assert_eq!(
@@ -276,8 +318,37 @@ mod tests {
                 free_page_hints: false,
                 zero_pages: false,
                 hint_wait_ms: 7,
+                timeout_strategy: TimeoutStrategy::Ignore,
             }
         );
+    }
+
+    #[test]
+    fn timeout_strategy_defaults_to_cancel_like_cloud_hypervisor() {
+        let d = SendMigrationData::parse("destination_url=unix:/x").unwrap();
+        assert_eq!(d.timeout_strategy, TimeoutStrategy::Cancel);
+        // Left out of the JSON when it is the default; both spellings read.
+        let json = serde_json::to_value(&d).unwrap();
+        assert!(json.get("timeout_strategy").is_none(), "{json}");
+        for (text, want) in [
+            ("Cancel", TimeoutStrategy::Cancel),
+            ("cancel", TimeoutStrategy::Cancel),
+            ("Ignore", TimeoutStrategy::Ignore),
+            ("ignore", TimeoutStrategy::Ignore),
+        ] {
+            let body = format!(r#"{{"destination_url":"unix:/x","timeout_strategy":"{text}"}}"#);
+            let d: SendMigrationData = serde_json::from_str(&body).unwrap();
+            assert_eq!(d.timeout_strategy, want, "{text}");
+        }
+        let ignore = SendMigrationData {
+            timeout_strategy: TimeoutStrategy::Ignore,
+            ..d
+        };
+        assert_eq!(
+            serde_json::to_value(&ignore).unwrap()["timeout_strategy"],
+            "Ignore"
+        );
+        assert!(SendMigrationData::parse("destination_url=unix:/x,timeout_strategy=later").is_err());
     }
 
     #[test]
@@ -296,6 +367,7 @@ mod tests {
             "destination_url=unix:/x,zero_pages=maybe",
             "destination_url=unix:/x,bogus=1",
             "destination_url=unix:/x,local=on,local=off",
+            "destination_url=unix:/x,timeout_strategy=never",
         ] {
             assert!(SendMigrationData::parse(bad).is_err(), "{bad}");
         }

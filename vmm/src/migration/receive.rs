@@ -82,6 +82,11 @@ struct ReceiveControl {
 impl ReceiveControl {
     fn set_phase(&self, phase: ReceivePhase) {
         self.phase.store(phase as u8, Ordering::SeqCst);
+        crate::event_monitor::emit(
+            "vm",
+            &format!("migration-{}", phase.name()),
+            Some(serde_json::json!({"role": "destination"})),
+        );
     }
 
     fn check(&self) -> Result<(), MigrationError> {
