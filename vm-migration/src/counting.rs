@@ -19,9 +19,14 @@ pub struct CountingStream<S> {
     watch: Option<Arc<StreamWatch>>,
 }
 
+/// The most a watched stream writes of guest memory in one call, so that the count moves and a
+/// stop takes effect every few milliseconds even when a range is gigabytes long.
+pub const WATCH_CHUNK: usize = 4 << 20;
+
 /// What another thread can see of and do to a [`CountingStream`] while it is in use: the bytes
-/// written so far (updated once per write call, so per chunk, not per page) and a stop switch
-/// that fails every later write, so a long transfer ends at the next chunk.
+/// written so far (updated once per write call, so per chunk of at most [`WATCH_CHUNK`], not
+/// per page) and a stop switch that fails every later write, so a long transfer ends at the
+/// next chunk.
 #[derive(Debug, Default)]
 pub struct StreamWatch {
     written: AtomicU64,
@@ -140,10 +145,14 @@ impl<S: WriteVolatile> WriteVolatile for CountingStream<S> {
         &mut self,
         buf: &VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        if let Some(w) = &self.watch {
-            w.before_write().map_err(VolatileMemoryError::IOError)?;
-        }
-        let n = self.inner.write_volatile(buf)?;
+        let n = match &self.watch {
+            Some(w) => {
+                w.before_write().map_err(VolatileMemoryError::IOError)?;
+                let part = buf.subslice(0, buf.len().min(WATCH_CHUNK))?;
+                self.inner.write_volatile(&part)?
+            }
+            None => self.inner.write_volatile(buf)?,
+        };
         self.written += n as u64;
         if let Some(w) = &self.watch {
             w.wrote(n);
@@ -209,6 +218,14 @@ mod tests {
         send_ranges(&mem, &table, &mut s).unwrap();
         s.write_all(b"tail").unwrap();
         assert_eq!(watch.bytes_written(), 0x3000 + 4);
+        // A range longer than a chunk goes out in chunks, all of it.
+        let big = 3 * WATCH_CHUNK / 2;
+        let mem2 = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), big)]).unwrap();
+        let table2 = MemoryRangeTable::from_ranges([MemoryRange::new(0, big as u64)]).unwrap();
+        let mut chunked = CountingStream::new(Vec::new());
+        chunked.set_watch(Arc::new(StreamWatch::default()));
+        assert_eq!(send_ranges(&mem2, &table2, &mut chunked).unwrap(), big as u64);
+        assert_eq!(chunked.get_ref().len(), big);
         watch.stop();
         assert!(watch.is_stopped());
         let err = s.write_all(b"more").unwrap_err();

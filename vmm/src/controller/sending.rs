@@ -129,7 +129,12 @@ impl Vmm {
     /// on here), or the one being received.
     pub(super) fn cancel_migration(&mut self) -> ApiReply {
         if let Some(outgoing) = self.outgoing.as_mut() {
-            outgoing.migration.progress().cancel();
+            if !outgoing.migration.progress().cancel() {
+                return Err(ApiError::InvalidState(
+                    "too late to cancel: the destination is taking over the guest".into(),
+                ))
+                .into();
+            }
             let (answer, later) = channel();
             outgoing.cancel_waiters.push(answer);
             return ApiReply::Later(later);
@@ -196,7 +201,8 @@ impl Vmm {
     /// Stops the migration being sent, if any, without waiting (the VMM is going away).
     pub(super) fn abandon_outgoing(&mut self) {
         if let Some(outgoing) = &self.outgoing {
-            outgoing.migration.progress().cancel();
+            // Too late to cancel means the guest is moving away anyway.
+            let _ = outgoing.migration.progress().cancel();
         }
     }
 }

@@ -6,7 +6,8 @@
 //! written come from the stream's [`StreamWatch`], an atomic counter bumped once per write call.
 //! Every phase change is also written to the event monitor, if there is one.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -100,15 +101,25 @@ pub struct ProgressView {
     pub error: Option<String>,
 }
 
+/// The migration may still be cancelled.
+const RUNNING: u8 = 0;
+/// It was cancelled.
+const CANCELLED: u8 = 1;
+/// The destination was told to take over: too late to cancel.
+const COMMITTED: u8 = 2;
+
 /// The shared progress of one migration being sent.
 #[derive(Debug)]
 pub struct MigrationProgress {
     started: Instant,
     watch: Arc<StreamWatch>,
-    cancel: AtomicBool,
+    /// [`RUNNING`], [`CANCELLED`] or [`COMMITTED`].
+    cancel: AtomicU8,
     view: Mutex<(Phase, ProgressView)>,
     /// `wire_bytes` when the current round started.
     round_start: Mutex<u64>,
+    /// A second handle on the connection, to end a read the sender is blocked in.
+    connection: Mutex<Option<OwnedFd>>,
 }
 
 impl MigrationProgress {
@@ -122,9 +133,10 @@ impl MigrationProgress {
         let progress = MigrationProgress {
             started: Instant::now(),
             watch: Arc::new(StreamWatch::default()),
-            cancel: AtomicBool::new(false),
+            cancel: AtomicU8::new(RUNNING),
             view: Mutex::new((Phase::Setup, view)),
             round_start: Mutex::new(0),
+            connection: Mutex::new(None),
         };
         progress.event(Phase::Setup, 0);
         progress
@@ -135,16 +147,43 @@ impl MigrationProgress {
         self.watch.clone()
     }
 
-    /// Asks the sender to stop: later writes fail at once, and the sender stops at its next
-    /// check (between rounds, during the hint wait).
-    pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
-        self.watch.stop();
+    /// Gives the progress a handle on the connection (see [`MigrationProgress::cancel`]).
+    pub fn set_connection(&self, connection: OwnedFd) {
+        *lock(&self.connection) = Some(connection);
     }
 
-    /// Whether [`MigrationProgress::cancel`] was called.
+    /// Asks the sender to stop: later writes fail at once, a read it waits in (a round's
+    /// acknowledgement) ends, and it stops at its next check (between rounds, during the hint
+    /// wait). Writing stays possible, so a sender between two requests still tells the
+    /// destination with Abandon. False when it is too late: the destination was told to take
+    /// over ([`MigrationProgress::commit`]).
+    pub fn cancel(&self) -> bool {
+        let swap = self
+            .cancel
+            .compare_exchange(RUNNING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst);
+        if matches!(swap, Err(COMMITTED)) {
+            return false;
+        }
+        self.watch.stop();
+        if let Some(fd) = lock(&self.connection).as_ref() {
+            // SAFETY: shutdown on a descriptor this struct owns; it changes no memory.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) };
+        }
+        true
+    }
+
+    /// Whether [`MigrationProgress::cancel`] succeeded.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.cancel.load(Ordering::SeqCst) == CANCELLED
+    }
+
+    /// The sender is about to tell the destination to run the guest: from here on a cancel is
+    /// refused. False when it was cancelled first.
+    pub fn commit(&self) -> bool {
+        let swap = self
+            .cancel
+            .compare_exchange(RUNNING, COMMITTED, Ordering::SeqCst, Ordering::SeqCst);
+        swap.is_ok()
     }
 
     /// The phase now.
@@ -315,12 +354,21 @@ mod tests {
     }
 
     #[test]
+    fn a_committed_migration_cannot_be_cancelled() {
+        let p = MigrationProgress::new(300);
+        assert!(p.commit());
+        assert!(!p.cancel());
+        assert!(!p.is_cancelled() && !p.watch().is_stopped());
+    }
+
+    #[test]
     fn cancel_stops_the_stream_and_ends_cancelled() {
         let p = MigrationProgress::new(300);
         let watch = p.watch();
         assert!(!p.is_cancelled() && !watch.is_stopped());
-        p.cancel();
+        assert!(p.cancel());
         assert!(p.is_cancelled() && watch.is_stopped());
+        assert!(!p.commit(), "a cancelled migration cannot commit");
         p.finish(Err((true, "cancelled by request".into())));
         let v = p.view();
         assert_eq!(v.state, "cancelled");

@@ -71,6 +71,10 @@ pub fn send_migration_with(
         .map_err(MigrationError::Transport)?;
     let mut stream = CountingStream::new(stream);
     stream.set_watch(progress.watch());
+    match std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() {
+        Ok(fd) => progress.set_connection(fd),
+        Err(e) => log::warn!("a cancel will wait for the current read: {e}"),
+    }
     let mut sender = Sender {
         vm,
         stream,
@@ -179,6 +183,10 @@ impl Sender<'_, '_> {
         let snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
         let state = serde_json::to_vec(&snapshot).map_err(|e| MigrationError::Json("state", e))?;
         self.request(Command::State, &state)?;
+        // The point of no return: from here on the destination may run the guest.
+        if !self.progress.commit() {
+            return Err(MigrationError::SendCancelled);
+        }
         self.request(Command::Complete, &[])?;
         // The destination now owns the guest, and the hinted blocks with it.
         self.hints_held = false;
