@@ -228,6 +228,12 @@ fn progress_moves_forward_while_the_api_answers_and_ends_with_the_report() {
     assert!(last["pages_hinted"].as_u64().unwrap_or(0) > 0, "{last}");
     let received = receiver.join().expect("receiver");
     assert!(received.status.success());
+    // The destination answers the same endpoint with what it received.
+    let arrived = progress(&dst.api).expect("destination progress");
+    assert_eq!(arrived["role"], "destination", "{arrived}");
+    assert_eq!(arrived["state"], "completed", "{arrived}");
+    assert_eq!(arrived["rounds_received"], report["rounds"], "{arrived}");
+    assert_eq!(arrived["pages_received"], report["pages_sent"], "{arrived}");
 
     // One event per phase change: setup, hinting, one per round before the stop, stopped,
     // completed; the destination: listening, receiving, restoring, completed.

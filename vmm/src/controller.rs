@@ -315,9 +315,12 @@ impl Vmm {
             &format!("migration-{state}"),
             Some(serde_json::json!({"role": "destination"})),
         );
+        let (rounds, pages) = incoming.migration.received();
         self.last_received = Some(serde_json::json!({
             "role": "destination",
             "state": state,
+            "rounds_received": rounds,
+            "pages_received": pages,
             "error": result.as_ref().err().map(|e| crate::api::error_chain(e)),
         }));
         let answer = match result {

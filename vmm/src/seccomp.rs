@@ -665,7 +665,8 @@ fn migration_receive() -> Allow {
 /// reads guest memory (shared, no calls) and writes it to the socket, passes memfds in local
 /// mode, and starts, stops and ends the balloon's hint rounds (eventfd writes). Everything that
 /// touches the VM itself (KVM's dirty log, pausing vCPUs, device state) is done by the VMM thread
-/// for it: no ioctl at all, no thread, no file written, no listening socket.
+/// for it: no KVM ioctl (only [`SOCKET_IOCTLS`]), no thread, no file written, no listening
+/// socket.
 fn migration_send() -> Allow {
     let mut a = vmm();
     for nr in [
@@ -693,9 +694,14 @@ fn migration_send() -> Allow {
         a.0.remove(&nr);
     }
     a.when(libc::SYS_openat, read_only_open())
-        .when(libc::SYS_tgkill, one_of(2, &[libc::SIGABRT as u64]));
+        .when(libc::SYS_tgkill, one_of(2, &[libc::SIGABRT as u64]))
+        .when(libc::SYS_ioctl, one_of(1, SOCKET_IOCTLS));
     a
 }
+
+/// `FIONBIO` (connect with a timeout), `FIONREAD` (the DNS resolver) and `TCGETS` (is a stream
+/// a terminal).
+const SOCKET_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIONREAD, libc::TCGETS];
 
 fn allowlist(kind: ThreadKind) -> Allow {
     match kind {

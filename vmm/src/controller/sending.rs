@@ -155,11 +155,14 @@ impl Vmm {
     /// [`LINGER_AFTER_READ`] later.
     pub(super) fn migration_progress(&mut self) -> ApiResult {
         if let Some(incoming) = &self.incoming {
+            let (rounds, pages) = incoming.migration.received();
             return Ok(Some(serde_json::json!({
                 "role": "destination",
                 "state": "receiving",
                 "phase": incoming.migration.phase().name(),
                 "receiver_url": incoming.migration.url(),
+                "rounds_received": rounds,
+                "pages_received": pages,
             })));
         }
         if let Some(progress) = self.last_sent.clone() {
