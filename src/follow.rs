@@ -41,7 +41,11 @@ pub fn follow_migration(api_socket: &Path) -> anyhow::Result<i32> {
             state @ ("failed" | "cancelled") => {
                 clear(&bar);
                 let why = progress["error"].as_str().unwrap_or("no reason given");
-                let what = if state == "failed" { "failed" } else { "was cancelled" };
+                let what = if state == "failed" {
+                    "failed"
+                } else {
+                    "was cancelled"
+                };
                 eprintln!("ch-remote: migration {what}: {why}");
                 return Ok(1);
             }

@@ -180,7 +180,10 @@ fn progress_moves_forward_while_the_api_answers_and_ends_with_the_report() {
                 std::thread::sleep(Duration::from_millis(5));
                 continue;
             };
-            let running = !matches!(p["state"].as_str(), Some("completed" | "failed" | "cancelled"));
+            let running = !matches!(
+                p["state"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            );
             if running && ["hinting", "round"].contains(&p["state"].as_str().unwrap_or("")) {
                 let info = send_request(&api, &ApiRequest::VmInfo).map(|r| r.status);
                 let ping = send_request(&api, &ApiRequest::VmmPing).map(|r| r.status);
@@ -206,7 +209,10 @@ fn progress_moves_forward_while_the_api_answers_and_ends_with_the_report() {
         "send-migration: {}",
         String::from_utf8_lossy(&sent.stderr)
     );
-    assert!(sent.stderr.is_empty(), "no progress line without a terminal");
+    assert!(
+        sent.stderr.is_empty(),
+        "no progress line without a terminal"
+    );
     let report: serde_json::Value = serde_json::from_slice(&sent.stdout).expect("report JSON");
     assert_eq!(report["status"], "completed");
 
@@ -224,7 +230,10 @@ fn progress_moves_forward_while_the_api_answers_and_ends_with_the_report() {
     assert!(answered > 0, "the API answered while the migration ran");
     let last = seen.last().expect("progress seen");
     assert_eq!(last["state"], "completed", "{last}");
-    assert_eq!(last["report"], report, "the final progress holds the same report");
+    assert_eq!(
+        last["report"], report,
+        "the final progress holds the same report"
+    );
     assert!(last["pages_hinted"].as_u64().unwrap_or(0) > 0, "{last}");
     let received = receiver.join().expect("receiver");
     assert!(received.status.success());
@@ -242,8 +251,14 @@ fn progress_moves_forward_while_the_api_answers_and_ends_with_the_report() {
     let src_events = migration_events(&events);
     let rounds = report["rounds"].as_u64().expect("rounds") as usize;
     assert_eq!(src_events.len(), rounds + 3, "{src_events:?}");
-    assert_eq!(src_events.first().map(String::as_str), Some("migration-setup"));
-    assert_eq!(src_events.last().map(String::as_str), Some("migration-completed"));
+    assert_eq!(
+        src_events.first().map(String::as_str),
+        Some("migration-setup")
+    );
+    assert_eq!(
+        src_events.last().map(String::as_str),
+        Some("migration-completed")
+    );
     let dst_seen = migration_events(&dst_events);
     assert_eq!(
         dst_seen,
@@ -352,7 +367,7 @@ fn a_cancel_in_any_phase_leaves_the_source_running_and_the_destination_ready() {
 /// Opens a pseudo-terminal of 100 columns: (controller, terminal).
 fn open_pty() -> (OwnedFd, OwnedFd) {
     let (mut controller, mut terminal) = (-1, -1);
-    let mut size = libc::winsize {
+    let size = libc::winsize {
         ws_row: 24,
         ws_col: 100,
         ws_xpixel: 0,
@@ -366,12 +381,17 @@ fn open_pty() -> (OwnedFd, OwnedFd) {
             &mut terminal,
             std::ptr::null_mut(),
             std::ptr::null(),
-            &mut size,
+            &size,
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors were just opened and are owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(controller), OwnedFd::from_raw_fd(terminal)) }
+    unsafe {
+        (
+            OwnedFd::from_raw_fd(controller),
+            OwnedFd::from_raw_fd(terminal),
+        )
+    }
 }
 
 #[test]
@@ -422,7 +442,10 @@ fn timeout_strategy_cancel_gives_up_and_a_terminal_shows_a_progress_line() {
     let screen = reader.join().expect("pty reader");
     assert_eq!(out.status.code(), Some(1), "a migration that gave up fails");
     assert!(out.stdout.is_empty(), "nothing on stdout: {:?}", out.stdout);
-    assert!(screen.contains("migration: round"), "progress line: {screen:?}");
+    assert!(
+        screen.contains("migration: round"),
+        "progress line: {screen:?}"
+    );
     assert!(screen.contains("MiB/s"), "{screen:?}");
     assert!(
         screen.contains("was cancelled: did not converge within timeout_s=1"),
@@ -443,7 +466,10 @@ fn timeout_strategy_cancel_gives_up_and_a_terminal_shows_a_progress_line() {
         "{}",
         String::from_utf8_lossy(&sent.stderr)
     );
-    assert!(sent.stderr.is_empty(), "no progress line without a terminal");
+    assert!(
+        sent.stderr.is_empty(),
+        "no progress line without a terminal"
+    );
     assert!(receiver.join().expect("receiver").status.success());
     assert_eq!(src.wait_exit(Duration::from_secs(15)), 0);
     let mut dst = dst;

@@ -224,7 +224,10 @@ mod tests {
         let table2 = MemoryRangeTable::from_ranges([MemoryRange::new(0, big as u64)]).unwrap();
         let mut chunked = CountingStream::new(Vec::new());
         chunked.set_watch(Arc::new(StreamWatch::default()));
-        assert_eq!(send_ranges(&mem2, &table2, &mut chunked).unwrap(), big as u64);
+        assert_eq!(
+            send_ranges(&mem2, &table2, &mut chunked).unwrap(),
+            big as u64
+        );
         assert_eq!(chunked.get_ref().len(), big);
         watch.stop();
         assert!(watch.is_stopped());

@@ -88,7 +88,12 @@ pub fn start(target: &EventTarget) -> Result<(), EventMonitorError> {
 }
 
 /// The line for one event.
-fn line(elapsed: std::time::Duration, source: &str, event: &str, properties: Option<serde_json::Value>) -> Vec<u8> {
+fn line(
+    elapsed: std::time::Duration,
+    source: &str,
+    event: &str,
+    properties: Option<serde_json::Value>,
+) -> Vec<u8> {
     let value = serde_json::json!({
         "timestamp": { "secs": elapsed.as_secs(), "nanos": elapsed.subsec_nanos() },
         "source": source,

@@ -215,7 +215,11 @@ mod tests {
             ("PUT", "vm.shutdown", ApiRequest::VmShutdown),
             ("PUT", "vm.delete", ApiRequest::VmDelete),
             ("GET", "vm.balloon-hints", ApiRequest::VmBalloonHintsGet),
-            ("GET", "vm.migration-progress", ApiRequest::VmMigrationProgress),
+            (
+                "GET",
+                "vm.migration-progress",
+                ApiRequest::VmMigrationProgress,
+            ),
             ("PUT", "vm.migration-cancel", ApiRequest::VmMigrationCancel),
         ] {
             let path = format!("/api/v1/{endpoint}");

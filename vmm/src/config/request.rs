@@ -348,7 +348,9 @@ mod tests {
             serde_json::to_value(&ignore).unwrap()["timeout_strategy"],
             "Ignore"
         );
-        assert!(SendMigrationData::parse("destination_url=unix:/x,timeout_strategy=later").is_err());
+        assert!(
+            SendMigrationData::parse("destination_url=unix:/x,timeout_strategy=later").is_err()
+        );
     }
 
     #[test]

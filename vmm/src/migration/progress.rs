@@ -158,9 +158,9 @@ impl MigrationProgress {
     /// destination with Abandon. False when it is too late: the destination was told to take
     /// over ([`MigrationProgress::commit`]).
     pub fn cancel(&self) -> bool {
-        let swap = self
-            .cancel
-            .compare_exchange(RUNNING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst);
+        let swap =
+            self.cancel
+                .compare_exchange(RUNNING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst);
         if matches!(swap, Err(COMMITTED)) {
             return false;
         }
@@ -180,9 +180,9 @@ impl MigrationProgress {
     /// The sender is about to tell the destination to run the guest: from here on a cancel is
     /// refused. False when it was cancelled first.
     pub fn commit(&self) -> bool {
-        let swap = self
-            .cancel
-            .compare_exchange(RUNNING, COMMITTED, Ordering::SeqCst, Ordering::SeqCst);
+        let swap =
+            self.cancel
+                .compare_exchange(RUNNING, COMMITTED, Ordering::SeqCst, Ordering::SeqCst);
         swap.is_ok()
     }
 
@@ -310,7 +310,9 @@ impl MigrationProgress {
         view.round_bytes_sent = wire.saturating_sub(*lock(&self.round_start));
         view.elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         if matches!(phase, Phase::Round | Phase::Stopped) && view.bandwidth_bytes_per_s > 0.0 {
-            let left = view.round_bytes_planned.saturating_sub(view.round_bytes_sent);
+            let left = view
+                .round_bytes_planned
+                .saturating_sub(view.round_bytes_sent);
             let round_ms = left as f64 / view.bandwidth_bytes_per_s * 1000.0;
             view.eta_ms = Some(round_ms + view.downtime_estimate_ms);
         }

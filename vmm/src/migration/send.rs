@@ -431,8 +431,11 @@ impl Sender<'_, '_> {
         self.report.rounds += 1;
         self.report.bytes_sent += sent;
         self.report.pages_sent += table.total_pages();
-        self.progress
-            .round_done(self.report.pages_sent, self.report.bytes_sent, self.bandwidth);
+        self.progress.round_done(
+            self.report.pages_sent,
+            self.report.bytes_sent,
+            self.bandwidth,
+        );
         log::info!(
             "migration round {}: {} pages in {:.1} ms",
             self.report.rounds,

@@ -117,7 +117,9 @@ impl VmStepRequest {
 
     /// Answers that there is no VM to act on any more.
     pub fn refuse(self) {
-        let _ = self.reply.send(Err(VmError::InvalidState(VmState::Shutdown)));
+        let _ = self
+            .reply
+            .send(Err(VmError::InvalidState(VmState::Shutdown)));
     }
 }
 
@@ -135,7 +137,12 @@ pub struct VmRemote {
 
 impl VmRemote {
     /// The VM with this configuration and memory, in `state`, reached through `send`.
-    pub fn new(config: VmConfig, memory: Arc<GuestMemoryMmap>, state: VmState, send: StepSender) -> Self {
+    pub fn new(
+        config: VmConfig,
+        memory: Arc<GuestMemoryMmap>,
+        state: VmState,
+        send: StepSender,
+    ) -> Self {
         VmRemote {
             config,
             memory,
