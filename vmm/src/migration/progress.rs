@@ -152,6 +152,12 @@ impl MigrationProgress {
         *lock(&self.connection) = Some(connection);
     }
 
+    /// Drops the handle on the connection (the sender is done with it), so that closing the
+    /// stream closes the connection.
+    pub fn clear_connection(&self) {
+        lock(&self.connection).take();
+    }
+
     /// Asks the sender to stop: later writes fail at once, a read it waits in (a round's
     /// acknowledgement) ends, and it stops at its next check (between rounds, during the hint
     /// wait). Writing stays possible, so a sender between two requests still tells the

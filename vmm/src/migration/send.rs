@@ -86,7 +86,9 @@ pub fn send_migration_with(
         hinter,
         progress,
     };
-    match sender.run(data, start) {
+    let result = sender.run(data, start);
+    progress.clear_connection();
+    match result {
         Ok(()) => Ok(sender.report),
         Err(e) => {
             let e = match e {
@@ -244,13 +246,15 @@ impl Sender<'_, '_> {
         self.logging = true;
         self.report.phases.dirty_log_start_ms = duration_ms(phase.elapsed());
         // 2. Only then ask for hints, and apply them to round 0 (all of RAM).
-        self.progress.enter(Phase::Hinting);
         let mut round0 = HintRound::new(&ram, DirtyLoggingStarted::confirm());
         let hinter = match self.hinter {
             _ if !data.free_page_hints => Err(HintsUnavailable::DisabledByRequest),
             None => Err(HintsUnavailable::NoBalloon),
             Some(h) => Ok(h),
         };
+        if hinter.is_ok() {
+            self.progress.enter(Phase::Hinting);
+        }
         self.report.hints = match hinter {
             Ok(hinter) => self.collect_hints(
                 hinter,
