@@ -60,14 +60,15 @@ pub fn follow_migration(api_socket: &Path) -> anyhow::Result<i32> {
 
 fn new_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
-    let style = ProgressStyle::with_template("[{bar:20}] {percent:>3}% {wide_msg}")
+    let style = ProgressStyle::with_template("[{bar:16}] {percent:>3}% {wide_msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
     bar.set_style(style);
     bar
 }
 
-/// One line: phase and round, percent of the round, MiB/s, hinted GiB left out, ETA.
+/// One line: percent of the round, phase and round, MiB/s, ETA, hinted GiB left out (what
+/// does not fit the terminal's width is cut from the end).
 fn draw(bar: &ProgressBar, p: &serde_json::Value) {
     let num = |key: &str| p[key].as_f64().unwrap_or(0.0);
     let state = p["state"].as_str().unwrap_or("?");
@@ -83,7 +84,7 @@ fn draw(bar: &ProgressBar, p: &serde_json::Value) {
         None => "ETA ?".into(),
     };
     bar.set_message(format!(
-        "migration: {phase}, {:.0} MiB/s, hinted {left_out:.2} GiB left out, {eta}",
+        "{phase}, {:.0} MiB/s, {eta}, {left_out:.2} GiB hinted out",
         num("bandwidth_bytes_per_s") / (1u64 << 20) as f64
     ));
 }

@@ -82,8 +82,9 @@ pub struct ProgressView {
     pub pages_left_out: u64,
     /// All-zero pages not sent so far.
     pub zero_pages_skipped: u64,
-    /// The bandwidth measured by the last round large enough to measure it (16 MiB), bytes per
-    /// second; 1 GB/s is assumed until then, 0 before the first round.
+    /// Bytes per second: the pace of the round being sent once it has run for 100 ms, else
+    /// what the last round large enough to measure it (16 MiB) measured (1 GB/s is assumed
+    /// before that; 0 before the first round).
     pub bandwidth_bytes_per_s: f64,
     /// Pages the guest dirtied per second, from the last dirty-log sync (0 until then).
     pub dirty_pages_per_s: f64,
@@ -101,6 +102,9 @@ pub struct ProgressView {
     pub error: Option<String>,
 }
 
+/// How long a round runs before its own pace counts as the bandwidth, in seconds.
+const LIVE_BANDWIDTH_AFTER: f64 = 0.1;
+
 /// The migration may still be cancelled.
 const RUNNING: u8 = 0;
 /// It was cancelled.
@@ -116,8 +120,8 @@ pub struct MigrationProgress {
     /// [`RUNNING`], [`CANCELLED`] or [`COMMITTED`].
     cancel: AtomicU8,
     view: Mutex<(Phase, ProgressView)>,
-    /// `wire_bytes` when the current round started.
-    round_start: Mutex<u64>,
+    /// `wire_bytes` when the current round started, and when.
+    round_start: Mutex<(u64, Instant)>,
     /// A second handle on the connection, to end a read the sender is blocked in.
     connection: Mutex<Option<OwnedFd>>,
 }
@@ -135,7 +139,7 @@ impl MigrationProgress {
             watch: Arc::new(StreamWatch::default()),
             cancel: AtomicU8::new(RUNNING),
             view: Mutex::new((Phase::Setup, view)),
-            round_start: Mutex::new(0),
+            round_start: Mutex::new((0, Instant::now())),
             connection: Mutex::new(None),
         };
         progress.event(Phase::Setup, 0);
@@ -244,7 +248,7 @@ impl MigrationProgress {
 
     /// A round starts (the phase is already [`Phase::Round`] or [`Phase::Stopped`]).
     pub fn round_planned(&self, pages: u64, zero_pages_skipped: u64) {
-        *lock(&self.round_start) = self.watch.bytes_written();
+        *lock(&self.round_start) = (self.watch.bytes_written(), Instant::now());
         self.update(|v| {
             v.round_pages_planned = pages;
             v.round_bytes_planned = pages * 4096;
@@ -313,8 +317,14 @@ impl MigrationProgress {
         if phase.is_final() {
             return view;
         }
-        view.round_bytes_sent = wire.saturating_sub(*lock(&self.round_start));
+        let (round_start, round_started) = *lock(&self.round_start);
+        view.round_bytes_sent = wire.saturating_sub(round_start);
         view.elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        // Within a round, its own pace so far (once it has run for a moment) is the better guess.
+        let secs = round_started.elapsed().as_secs_f64();
+        if phase == Phase::Round && secs >= LIVE_BANDWIDTH_AFTER && view.round_bytes_sent > 0 {
+            view.bandwidth_bytes_per_s = view.round_bytes_sent as f64 / secs;
+        }
         if matches!(phase, Phase::Round | Phase::Stopped) && view.bandwidth_bytes_per_s > 0.0 {
             let left = view
                 .round_bytes_planned
