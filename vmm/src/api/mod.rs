@@ -17,7 +17,8 @@
 //! | `vm.balloon-hints` | GET / PUT | PUT: [`BalloonHintsAction`] | |
 //!
 //! A request is answered `200` with the JSON the handler returns, `204` when it returns nothing,
-//! or the status of its [`ApiError`] with a body `{"error": "<one line>"}`:
+//! `202` with the progress when it started something that goes on (`vm.send-migration`), or
+//! the status of its [`ApiError`] with a body `{"error": "<one line>"}`:
 //!
 //! | status | meaning |
 //! |---|---|
