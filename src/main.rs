@@ -81,6 +81,13 @@ struct Cli {
                 false (none) or log (the kernel logs forbidden calls)"
     )]
     seccomp: Option<String>,
+    /// Events as JSON lines (one per migration phase change, among others)
+    #[arg(
+        long,
+        value_name = "path=<file>|fd=<n>",
+        help = "Write events as JSON lines to a file (path=<file>) or an inherited descriptor (fd=<n>)"
+    )]
+    event_monitor: Option<String>,
 }
 
 fn main() {
@@ -114,6 +121,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     if let Some(config) = &vm_config {
         config.validate()?;
+    }
+    if let Some(target) = &cli.event_monitor {
+        vmm::event_monitor::start(&vmm::event_monitor::EventTarget::parse(target)?)?;
+        vmm::event_monitor::emit("vmm", "starting", None);
     }
     log::info!("cloud-hypervisor {} starting", env!("CARGO_PKG_VERSION"));
     Ok(start_vmm(VmmParams {

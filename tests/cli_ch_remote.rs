@@ -105,7 +105,7 @@ fn argument_errors() {
 }
 
 /// Serves one connection: returns the raw request, answers `response`.
-fn serve_once(listener: &UnixListener, response: &'static str) -> String {
+fn serve_once(listener: &UnixListener, response: &str) -> String {
     let (mut stream, _) = listener.accept().unwrap();
     let mut request = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -190,6 +190,76 @@ fn requests_and_output() {
     assert!(requests[2].starts_with("PUT /api/v1/vm.pause HTTP/1.1\r\n"));
     assert!(requests[3].ends_with("\r\n\r\n{\"desired_balloon\":67108864}"));
     assert!(requests[4].starts_with("GET /api/v1/vm.info HTTP/1.1\r\n"));
+    let _ = std::fs::remove_file(&path);
+}
+
+/// An HTTP response with a JSON body.
+fn json_response(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// `send-migration` answered 202: ch-remote follows vm.migration-progress to the end, prints the
+/// report on success and one error line on failure; `--no-wait` prints the first answer.
+#[test]
+fn send_migration_follows_the_progress() {
+    let path = socket_path("follow");
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    let report = r#"{"status":"completed","rounds":2}"#;
+    let server = thread::spawn(move || {
+        let mut requests = Vec::new();
+        for response in [
+            // 1. Followed to a completed migration.
+            json_response("202 Accepted", r#"{"state":"setup"}"#),
+            json_response(
+                "200 OK",
+                r#"{"state":"round","round":0,"round_bytes_planned":8192}"#,
+            ),
+            json_response(
+                "200 OK",
+                &format!(r#"{{"state":"completed","report":{report},"error":null}}"#),
+            ),
+            // 2. Followed to a cancelled one.
+            json_response("202 Accepted", r#"{"state":"setup"}"#),
+            json_response(
+                "200 OK",
+                r#"{"state":"cancelled","report":null,"error":"did not converge"}"#,
+            ),
+            // 3. --no-wait.
+            json_response("202 Accepted", r#"{"state":"setup"}"#),
+        ] {
+            requests.push(serve_once(&listener, &response));
+        }
+        requests
+    });
+
+    let out = ch_remote(&path, &["send-migration", "unix:/tmp/dst"]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", out);
+    assert!(out.stdout.ends_with(b"}\n"), "{:?}", out.stdout);
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        printed,
+        serde_json::from_str::<serde_json::Value>(report).unwrap()
+    );
+    assert!(out.stderr.is_empty(), "no progress line without a terminal");
+
+    let out = ch_remote(&path, &["send-migration", "unix:/tmp/dst"]);
+    fails(&out, "migration was cancelled: did not converge");
+
+    let out = ch_remote(&path, &["send-migration", "--no-wait", "unix:/tmp/dst"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"{\"state\":\"setup\"}\n");
+
+    let requests = server.join().unwrap();
+    for i in [0, 3, 5] {
+        assert!(requests[i].starts_with("PUT /api/v1/vm.send-migration HTTP/1.1\r\n"));
+    }
+    for i in [1, 2, 4] {
+        assert!(requests[i].starts_with("GET /api/v1/vm.migration-progress HTTP/1.1\r\n"));
+    }
     let _ = std::fs::remove_file(&path);
 }
 

@@ -3,6 +3,8 @@
 
 #[path = "../cli_error.rs"]
 mod cli_error;
+#[path = "../follow.rs"]
+mod follow;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -78,14 +80,21 @@ enum Command {
         /// Local migration (memory handed over, not copied)
         #[arg(long)]
         local: bool,
+        /// Return once the migration has started (print its progress) instead of waiting
+        #[arg(long)]
+        no_wait: bool,
         /// Where to send the VM, and the migration options
         #[arg(
             help = "unix:<path> or tcp:<host>:<port>, or destination_url=<url>[,downtime_ms=<n>]\
-            [,timeout_s=<n>][,free_page_hints=on|off][,zero_pages=on|off][,hint_wait_ms=<n>][,local=on]\
-            [,tls_dir=<dir>][,connections=<n>]"
+            [,timeout_s=<n>][,timeout_strategy=cancel|ignore][,free_page_hints=on|off][,zero_pages=on|off]\
+            [,hint_wait_ms=<n>][,local=on][,tls_dir=<dir>][,connections=<n>]"
         )]
         url: String,
     },
+    /// Show where the migration being sent or received is (vm.migration-progress)
+    MigrationProgress,
+    /// Stop the migration being sent or received; the VM runs on (vm.migration-cancel)
+    MigrationCancel,
     /// Show the last hinting round, or run a step of one (vm.balloon-hints)
     BalloonHints {
         /// start, stop or done; none to show the state
@@ -111,21 +120,32 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
+    let wait = matches!(cli.command, Command::SendMigration { no_wait: false, .. });
     let request = request(cli.command)?;
     let response = send_request(&cli.api_socket, &request)?;
     if !response.is_success() {
         eprintln!("ch-remote: {}", response.error_message());
         return Ok(1);
     }
-    if !response.body.is_empty() {
+    // 202: the migration runs on; follow it to the report, as when the request blocked.
+    if wait && response.status == 202 {
+        return follow::follow_migration(&cli.api_socket);
+    }
+    print_body(&response.body)?;
+    Ok(0)
+}
+
+/// Prints an answer's body on standard output, ending in a newline.
+fn print_body(body: &[u8]) -> anyhow::Result<()> {
+    if !body.is_empty() {
         let mut stdout = std::io::stdout().lock();
-        stdout.write_all(&response.body)?;
-        if !response.body.ends_with(b"\n") {
+        stdout.write_all(body)?;
+        if !body.ends_with(b"\n") {
             stdout.write_all(b"\n")?;
         }
         stdout.flush()?;
     }
-    Ok(0)
+    Ok(())
 }
 
 /// The API request for a command, with its options checked here rather than by the server.
@@ -161,7 +181,9 @@ fn request(command: Command) -> anyhow::Result<ApiRequest> {
         Command::ReceiveMigration { url } => {
             ApiRequest::VmReceiveMigration(ReceiveMigrationData::parse(&url)?)
         }
-        Command::SendMigration { local, url } => {
+        Command::MigrationProgress => ApiRequest::VmMigrationProgress,
+        Command::MigrationCancel => ApiRequest::VmMigrationCancel,
+        Command::SendMigration { local, url, .. } => {
             let mut data = SendMigrationData::parse(&url)?;
             data.local |= local;
             ApiRequest::VmSendMigration(data)

@@ -94,11 +94,17 @@ impl Vmm {
 
     /// Starts a VMM that only serves its API (to receive a migration, say).
     pub fn waiting(tag: &str) -> Vmm {
+        Self::waiting_with(tag, |_| Vec::new())
+    }
+
+    /// Like [`Vmm::waiting`], with more flags, made from the scratch directory.
+    pub fn waiting_with(tag: &str, extra: impl FnOnce(&Scratch) -> Vec<String>) -> Vmm {
         require_kvm();
         let scratch = Scratch::new(tag);
         let api = scratch.path("api.sock");
         let serial = scratch.path("serial.log");
-        let args = vec!["--api-socket".to_string(), api.display().to_string()];
+        let mut args = vec!["--api-socket".to_string(), api.display().to_string()];
+        args.extend(extra(&scratch));
         Self::spawn(scratch, api, serial, &args)
     }
 

@@ -3,6 +3,8 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
@@ -14,6 +16,52 @@ pub struct CountingStream<S> {
     inner: S,
     written: u64,
     read: u64,
+    watch: Option<Arc<StreamWatch>>,
+}
+
+/// The most a watched stream writes of guest memory in one call, so that the count moves and a
+/// stop takes effect every few milliseconds even when a range is gigabytes long.
+pub const WATCH_CHUNK: usize = 4 << 20;
+
+/// What another thread can see of and do to a [`CountingStream`] while it is in use: the bytes
+/// written so far (updated once per write call, so per chunk of at most [`WATCH_CHUNK`], not
+/// per page) and a stop switch that fails every later write, so a long transfer ends at the
+/// next chunk.
+#[derive(Debug, Default)]
+pub struct StreamWatch {
+    written: AtomicU64,
+    stopped: AtomicBool,
+}
+
+impl StreamWatch {
+    /// Bytes written through the watched stream so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Makes every later write fail with [`io::ErrorKind::ConnectionAborted`].
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`StreamWatch::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    fn before_write(&self) -> io::Result<()> {
+        if self.is_stopped() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "stopped by request",
+            ));
+        }
+        Ok(())
+    }
+
+    fn wrote(&self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 impl<S> CountingStream<S> {
@@ -23,7 +71,13 @@ impl<S> CountingStream<S> {
             inner,
             written: 0,
             read: 0,
+            watch: None,
         }
+    }
+
+    /// Lets `watch` follow the bytes written from now on and stop later writes.
+    pub fn set_watch(&mut self, watch: Arc<StreamWatch>) {
+        self.watch = Some(watch);
     }
 
     /// Bytes written so far.
@@ -39,6 +93,9 @@ impl<S> CountingStream<S> {
     /// Adds bytes written around the wrapper (for example by `sendmsg` with descriptors).
     pub fn record_written(&mut self, bytes: u64) {
         self.written += bytes;
+        if let Some(w) = &self.watch {
+            w.wrote(bytes as usize);
+        }
     }
 
     /// The wrapped stream.
@@ -59,8 +116,14 @@ impl<S> CountingStream<S> {
 
 impl<S: Write> Write for CountingStream<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(w) = &self.watch {
+            w.before_write()?;
+        }
         let n = self.inner.write(buf)?;
         self.written += n as u64;
+        if let Some(w) = &self.watch {
+            w.wrote(n);
+        }
         Ok(n)
     }
 
@@ -82,8 +145,18 @@ impl<S: WriteVolatile> WriteVolatile for CountingStream<S> {
         &mut self,
         buf: &VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        let n = self.inner.write_volatile(buf)?;
+        let n = match &self.watch {
+            Some(w) => {
+                w.before_write().map_err(VolatileMemoryError::IOError)?;
+                let part = buf.subslice(0, buf.len().min(WATCH_CHUNK))?;
+                self.inner.write_volatile(&part)?
+            }
+            None => self.inner.write_volatile(buf)?,
+        };
         self.written += n as u64;
+        if let Some(w) = &self.watch {
+            w.wrote(n);
+        }
         Ok(n)
     }
 }
@@ -132,5 +205,35 @@ mod tests {
         r.read_to_end(&mut rest).unwrap();
         assert_eq!(r.bytes_read(), 6 + 0x2000);
         assert_eq!(r.bytes_written(), 0);
+    }
+
+    #[test]
+    fn a_watch_follows_writes_and_stops_them() {
+        let watch = Arc::new(StreamWatch::default());
+        let mut s = CountingStream::new(Vec::new());
+        s.write_all(b"before").unwrap();
+        s.set_watch(watch.clone());
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let table = MemoryRangeTable::from_ranges([MemoryRange::new(0, 0x3000)]).unwrap();
+        send_ranges(&mem, &table, &mut s).unwrap();
+        s.write_all(b"tail").unwrap();
+        assert_eq!(watch.bytes_written(), 0x3000 + 4);
+        // A range longer than a chunk goes out in chunks, all of it.
+        let big = 3 * WATCH_CHUNK / 2;
+        let mem2 = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), big)]).unwrap();
+        let table2 = MemoryRangeTable::from_ranges([MemoryRange::new(0, big as u64)]).unwrap();
+        let mut chunked = CountingStream::new(Vec::new());
+        chunked.set_watch(Arc::new(StreamWatch::default()));
+        assert_eq!(
+            send_ranges(&mem2, &table2, &mut chunked).unwrap(),
+            big as u64
+        );
+        assert_eq!(chunked.get_ref().len(), big);
+        watch.stop();
+        assert!(watch.is_stopped());
+        let err = s.write_all(b"more").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(send_ranges(&mem, &table, &mut s).is_err());
+        assert_eq!(s.bytes_written(), 6 + 0x3000 + 4);
     }
 }

@@ -56,7 +56,7 @@ pub mod transport;
 pub mod zero;
 
 pub use bitmap::{BitmapError, DirtyBitmap, SetBitRuns};
-pub use counting::CountingStream;
+pub use counting::{CountingStream, StreamWatch};
 pub use hints::{
     DirtyLoggingStarted, DirtyRound, HintError, HintIgnored, HintRejection, HintRound, HintStats,
     HintVerdict, RoundZero,

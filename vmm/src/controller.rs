@@ -1,18 +1,21 @@
 //! The VMM thread: owns the VM, serves API requests one at a time, and ends the process when the
 //! guest or the API says so.
 
+mod sending;
+
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::time::Instant;
 
 use hypervisor::{Hypervisor, KvmHypervisor};
 use thiserror::Error;
 
 use crate::api::{self, ApiError, ApiReply, ApiRequest, ApiResult};
 use crate::config::{HintAction, VmConfig};
-use crate::migration;
 use crate::migration::hints::{FreePageHinter, HintWait, MonotonicClock, RoundEnd};
 use crate::migration::receive::{self, IncomingMigration, ReceiveContext};
+use crate::migration::source_vm::VmStepRequest;
 use crate::migration::MigrationError;
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::VcpuExitEvent;
@@ -58,6 +61,10 @@ pub enum VmmEvent {
     Vcpu(VcpuExitEvent),
     /// The `migration-recv` thread is done: the VM that arrived, or why none did.
     Received(Box<Result<Vm, MigrationError>>),
+    /// The `migration-send` thread needs a step done on the VM.
+    MigrationStep(VmStepRequest),
+    /// The `migration-send` thread is done: the report, or why the VM did not move.
+    Sent(Box<Result<vm_migration::MigrationReport, MigrationError>>),
 }
 
 /// A migration being received, and the `vm.receive-migration` request waiting for it.
@@ -74,14 +81,20 @@ pub struct Vmm {
     /// Whether the process ends when the VM does (it was given on the command line, or
     /// arrived by migration).
     exit_with_vm: bool,
-    /// Set once the VM has been migrated away: the process ends after answering.
-    migrated: bool,
     /// Filters for the threads of the VMs it creates.
     seccomp: SeccompMode,
     /// Why the last hint round started through the API was not fully used.
     last_hint_reason: Option<String>,
     /// A migration being received, if any (there is no VM until it has arrived).
     incoming: Option<Incoming>,
+    /// A migration being sent, if any.
+    outgoing: Option<sending::Outgoing>,
+    /// The progress of the last migration sent (running or ended).
+    last_sent: Option<sending::SharedProgress>,
+    /// How the last incoming migration ended.
+    last_received: Option<serde_json::Value>,
+    /// Once the VM has moved away: when the process ends if nobody reads the final progress.
+    linger_until: Option<Instant>,
 }
 
 /// Runs the VMM until it is told to stop; returns the process exit code.
@@ -94,10 +107,13 @@ pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
         vm: None,
         events_tx: tx.clone(),
         exit_with_vm: params.vm_config.is_some(),
-        migrated: false,
         seccomp: params.seccomp,
         last_hint_reason: None,
         incoming: None,
+        outgoing: None,
+        last_sent: None,
+        last_received: None,
+        linger_until: None,
     };
     if let Some(path) = &params.api_socket {
         let api_tx = tx.clone();
@@ -164,13 +180,35 @@ impl Vmm {
 
     /// Serves events until the VMM should exit; returns the exit code.
     fn run(&mut self, rx: Receiver<VmmEvent>) -> i32 {
-        while let Ok(event) = rx.recv() {
+        loop {
+            let event = match self.linger_until {
+                None => match rx.recv() {
+                    Ok(event) => event,
+                    Err(_) => break,
+                },
+                Some(until) => {
+                    match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                        Ok(event) => event,
+                        Err(RecvTimeoutError::Timeout) => {
+                            // The VM moved away and nobody came for the final progress.
+                            self.teardown();
+                            return 0;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
             match event {
                 VmmEvent::Api(req, reply) => {
                     let shutdown_vmm = matches!(req, ApiRequest::VmmShutdown);
-                    let result = match req {
-                        ApiRequest::VmReceiveMigration(data) => self.start_receiving(&data),
-                        req => ApiReply::Now(self.handle_api(req)),
+                    let result = match self.refused_while_sending(&req) {
+                        Some(refused) => ApiReply::Now(Err(refused)),
+                        None => match req {
+                            ApiRequest::VmReceiveMigration(data) => self.start_receiving(&data),
+                            ApiRequest::VmSendMigration(data) => self.start_sending(data),
+                            ApiRequest::VmMigrationCancel => self.cancel_migration(),
+                            req => ApiReply::Now(self.handle_api(req)),
+                        },
                     };
                     let vm_gone = self
                         .vm
@@ -178,12 +216,17 @@ impl Vmm {
                         .is_none_or(|vm| vm.state() == VmState::Shutdown);
                     // The client may have hung up; the request was still carried out.
                     let _ = reply.send(result);
-                    if shutdown_vmm || self.migrated || (self.exit_with_vm && vm_gone) {
+                    // A VM that moved away ends the process when its final progress was read
+                    // (see `linger_until`).
+                    let moved = self.linger_until.is_some();
+                    if shutdown_vmm || (self.exit_with_vm && vm_gone && !moved) {
                         self.teardown();
                         return 0;
                     }
                 }
                 VmmEvent::Received(result) => self.received(*result),
+                VmmEvent::MigrationStep(request) => self.migration_step(request),
+                VmmEvent::Sent(result) => self.sent(*result),
                 VmmEvent::Vcpu(event) => {
                     let code = match &event {
                         VcpuExitEvent::Shutdown | VcpuExitEvent::Reset => {
@@ -210,6 +253,7 @@ impl Vmm {
     }
 
     fn teardown(&mut self) {
+        self.abandon_outgoing();
         self.cancel_incoming();
         if let Some(mut vm) = self.vm.take() {
             vm.shutdown();
@@ -234,6 +278,11 @@ impl Vmm {
             exit_sink: self.exit_sink(),
             seccomp: self.seccomp,
         };
+        crate::event_monitor::emit(
+            "vm",
+            "migration-listening",
+            Some(serde_json::json!({"role": "destination"})),
+        );
         let started = receive::start_receiving(data, context, move |result| {
             // The VMM thread may be gone (shutting down); nobody needs the VM then.
             let _ = events.send(VmmEvent::Received(Box::new(result)));
@@ -256,6 +305,24 @@ impl Vmm {
             return;
         };
         incoming.migration.join();
+        let state = match &result {
+            Ok(_) => "completed",
+            Err(MigrationError::Cancelled) => "cancelled",
+            Err(_) => "failed",
+        };
+        crate::event_monitor::emit(
+            "vm",
+            &format!("migration-{state}"),
+            Some(serde_json::json!({"role": "destination"})),
+        );
+        let (rounds, pages) = incoming.migration.received();
+        self.last_received = Some(serde_json::json!({
+            "role": "destination",
+            "state": state,
+            "rounds_received": rounds,
+            "pages_received": pages,
+            "error": result.as_ref().err().map(|e| crate::api::error_chain(e)),
+        }));
         let answer = match result {
             Ok(vm) => {
                 self.vm = Some(vm);
@@ -395,25 +462,14 @@ impl Vmm {
                     .map_err(|e| ApiError::internal("cannot resize the balloon", e))?;
                 Ok(None)
             }
-            ApiRequest::VmSendMigration(data) => {
-                let vm = self.vm_mut()?;
-                let hinter = vm.free_page_hinter();
-                let hinter = hinter
-                    .as_ref()
-                    .map(|h| h as &dyn migration::hints::FreePageHinter);
-                let report = migration::send::send_migration(vm, &data, hinter)
-                    .map_err(|e| ApiError::internal("migration failed", e))?;
-                log::info!("migration completed: {report:?}");
-                // The guest runs on the destination now: this VMM is done.
-                self.migrated = true;
-                serde_json::to_value(&report)
-                    .map(Some)
-                    .map_err(|e| ApiError::internal("cannot encode the migration report", e))
-            }
-            // Answered later, on the VMM thread's loop (see `run`).
-            ApiRequest::VmReceiveMigration(_) => Err(ApiError::internal_msg(
-                "vm.receive-migration reached the wrong handler",
-            )),
+            ApiRequest::VmMigrationProgress => self.migration_progress(),
+            // Answered on the VMM thread's loop (see `run`).
+            ApiRequest::VmReceiveMigration(_)
+            | ApiRequest::VmSendMigration(_)
+            | ApiRequest::VmMigrationCancel => Err(ApiError::internal_msg(format!(
+                "{} reached the wrong handler",
+                req.endpoint()
+            ))),
             ApiRequest::VmBalloonHintsGet => {
                 let balloon = self.balloon()?;
                 let mut body = serde_json::to_value(balloon.hint_status())

@@ -11,6 +11,7 @@ pub mod boot;
 pub mod config;
 pub mod controller;
 pub mod devices;
+pub mod event_monitor;
 pub mod interrupts;
 pub mod layout;
 pub mod memory;

@@ -110,11 +110,13 @@ pub enum ThreadKind {
     MigrationSendStream,
     /// A `migration-rx-N` thread: writes what an added connection brings into guest memory.
     MigrationReceiveStream,
+    /// The `migration-send` thread, which sends the VM to another VMM.
+    MigrationSend,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vcpu,
         ThreadKind::HttpServer,
         ThreadKind::BalloonWorker,
@@ -122,6 +124,7 @@ impl ThreadKind {
         ThreadKind::MigrationReceive,
         ThreadKind::MigrationSendStream,
         ThreadKind::MigrationReceiveStream,
+        ThreadKind::MigrationSend,
     ];
 
     /// A short name, for messages.
@@ -134,6 +137,7 @@ impl ThreadKind {
             ThreadKind::MigrationReceive => "migration-recv",
             ThreadKind::MigrationSendStream => "migration-tx",
             ThreadKind::MigrationReceiveStream => "migration-rx",
+            ThreadKind::MigrationSend => "migration-send",
         }
     }
 }
@@ -686,6 +690,51 @@ fn migration_stream() -> Allow {
     a
 }
 
+/// The `migration-send` thread: it connects (resolving a host name from /etc/hosts or DNS),
+/// reads guest memory (shared, no calls) and writes it to the socket, passes memfds in local
+/// mode, and starts, stops and ends the balloon's hint rounds (eventfd writes). Everything that
+/// touches the VM itself (KVM's dirty log, pausing vCPUs, device state) is done by the VMM thread
+/// for it: no KVM ioctl (only [`SOCKET_IOCTLS`]), no file written, no listening socket; new
+/// threads only for added connections.
+fn migration_send() -> Allow {
+    let mut a = vmm();
+    for nr in [
+        libc::SYS_ioctl,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_accept4,
+        libc::SYS_memfd_create,
+        libc::SYS_ftruncate,
+        libc::SYS_eventfd2,
+        libc::SYS_unlink,
+        libc::SYS_openat,
+        libc::SYS_fallocate,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_prctl,
+        libc::SYS_seccomp,
+        libc::SYS_rt_sigaction,
+        libc::SYS_tgkill,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+    ] {
+        a.0.remove(&nr);
+    }
+    a.when(libc::SYS_openat, read_only_open())
+        .when(libc::SYS_tgkill, one_of(2, &[libc::SIGABRT as u64]))
+        .when(libc::SYS_ioctl, one_of(1, SOCKET_IOCTLS));
+    // With connections=<n>, it starts the migration-tx threads (which stack their own filter
+    // on this one).
+    a.merge(spawner());
+    a
+}
+
+/// `FIONBIO` (connect with a timeout), `FIONREAD` (the DNS resolver) and `TCGETS` (is a stream
+/// a terminal).
+const SOCKET_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIONREAD, libc::TCGETS];
+
 fn allowlist(kind: ThreadKind) -> Allow {
     match kind {
         ThreadKind::Vcpu => vcpu(),
@@ -694,6 +743,7 @@ fn allowlist(kind: ThreadKind) -> Allow {
         ThreadKind::Vmm => vmm(),
         ThreadKind::MigrationReceive => migration_receive(),
         ThreadKind::MigrationSendStream | ThreadKind::MigrationReceiveStream => migration_stream(),
+        ThreadKind::MigrationSend => migration_send(),
     }
 }
 

@@ -234,6 +234,11 @@ impl Vm {
         self.guest_end.why()
     }
 
+    /// Where the end of the guest is recorded, for a thread that watches it.
+    pub fn guest_end_handle(&self) -> GuestEnd {
+        self.guest_end.clone()
+    }
+
     /// The configuration the VM was built from.
     pub fn config(&self) -> &VmConfig {
         &self.config

@@ -44,6 +44,8 @@ pub enum ApiReply {
     Now(ApiResult),
     /// The answer will come on this channel; the server serves other requests meanwhile.
     Later(std::sync::mpsc::Receiver<ApiResult>),
+    /// `202 Accepted` with this body: the work goes on after the answer.
+    Accepted(serde_json::Value),
 }
 
 impl From<ApiResult> for ApiReply {
@@ -374,6 +376,10 @@ fn handle_connection(mut stream: UnixStream, handler: &mut ApiHandler, limits: L
             send(&mut stream, &result_response(endpoint, result));
             Flow::Continue
         }
+        ApiReply::Accepted(body) => {
+            send(&mut stream, &response(202, Some(&body), None));
+            Flow::Continue
+        }
         ApiReply::Later(answer) => Flow::Later(Pending {
             stream,
             endpoint,
@@ -529,6 +535,7 @@ fn printable(text: &str) -> String {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        202 => "Accepted",
         204 => "No Content",
         400 => "Bad Request",
         404 => "Not Found",

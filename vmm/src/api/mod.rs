@@ -12,10 +12,13 @@
 //! | `vm.resize` | PUT | [`VmResizeData`] | [`ApiRequest::VmResize`] |
 //! | `vm.send-migration` | PUT | [`SendMigrationData`] | [`ApiRequest::VmSendMigration`] |
 //! | `vm.receive-migration` | PUT | [`ReceiveMigrationData`] | [`ApiRequest::VmReceiveMigration`] |
+//! | `vm.migration-progress` | GET | | [`ApiRequest::VmMigrationProgress`] |
+//! | `vm.migration-cancel` | PUT | | [`ApiRequest::VmMigrationCancel`] |
 //! | `vm.balloon-hints` | GET / PUT | PUT: [`BalloonHintsAction`] | |
 //!
 //! A request is answered `200` with the JSON the handler returns, `204` when it returns nothing,
-//! or the status of its [`ApiError`] with a body `{"error": "<one line>"}`:
+//! `202` with the progress when it started something that goes on (`vm.send-migration`), or
+//! the status of its [`ApiError`] with a body `{"error": "<one line>"}`:
 //!
 //! | status | meaning |
 //! |---|---|
@@ -29,8 +32,10 @@
 //! | 500 | the request failed ([`ApiError::Internal`]) |
 //! | 501 | a feature this VMM does not have, chunked bodies ([`ApiError::Unsupported`]) |
 //!
-//! Requests are served one at a time: a `vm.send-migration` holds the server until it ends. A
-//! `vm.receive-migration` does not: it is answered when the migration has arrived (or failed),
+//! Requests are served one at a time. `vm.send-migration` is answered `202` with the progress as
+//! soon as the migration has started; it runs on meanwhile (follow it with
+//! `vm.migration-progress`, stop it with `vm.migration-cancel`, which is answered once it has
+//! stopped). A `vm.receive-migration` is answered when the migration has arrived (or failed),
 //! and other requests are served meanwhile (`vm.info` then shows the state `Receiving`).
 
 pub mod client;
@@ -74,8 +79,14 @@ pub enum ApiRequest {
     VmDelete,
     /// `PUT vm.resize`, with only `desired_balloon` set.
     VmResize(VmResizeData),
-    /// `PUT vm.send-migration`: blocks the server until the migration ends.
+    /// `PUT vm.send-migration`: answered `202` once the migration has started.
     VmSendMigration(SendMigrationData),
+    /// `GET vm.migration-progress`: where the migration being sent or received is, or how the
+    /// last one ended.
+    VmMigrationProgress,
+    /// `PUT vm.migration-cancel`: stops the migration being sent (answered once it has
+    /// stopped) or received.
+    VmMigrationCancel,
     /// `PUT vm.receive-migration`: answered once the migration has arrived; other requests are
     /// served meanwhile.
     VmReceiveMigration(ReceiveMigrationData),

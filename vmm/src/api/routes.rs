@@ -48,6 +48,8 @@ const ENDPOINTS: &[(&str, Methods)] = &[
     ("vm.resize", Methods::Put),
     ("vm.send-migration", Methods::Put),
     ("vm.receive-migration", Methods::Put),
+    ("vm.migration-progress", Methods::Get),
+    ("vm.migration-cancel", Methods::Put),
     ("vm.balloon-hints", Methods::GetPut),
 ];
 
@@ -105,6 +107,8 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
             check(data.validate())?;
             ApiRequest::VmReceiveMigration(data)
         }
+        ("vm.migration-progress", _) => ApiRequest::VmMigrationProgress,
+        ("vm.migration-cancel", _) => ApiRequest::VmMigrationCancel,
         ("vm.balloon-hints", "GET") => ApiRequest::VmBalloonHintsGet,
         ("vm.balloon-hints", _) => ApiRequest::VmBalloonHintsPut(json_body(endpoint, body)?),
         _ => return Err(ApiError::NotFound(printable(path))),
@@ -137,6 +141,7 @@ impl ApiRequest {
             ApiRequest::VmmPing
             | ApiRequest::VmInfo
             | ApiRequest::VmCounters
+            | ApiRequest::VmMigrationProgress
             | ApiRequest::VmBalloonHintsGet => "GET",
             _ => "PUT",
         }
@@ -158,6 +163,8 @@ impl ApiRequest {
             ApiRequest::VmResize(_) => "vm.resize",
             ApiRequest::VmSendMigration(_) => "vm.send-migration",
             ApiRequest::VmReceiveMigration(_) => "vm.receive-migration",
+            ApiRequest::VmMigrationProgress => "vm.migration-progress",
+            ApiRequest::VmMigrationCancel => "vm.migration-cancel",
             ApiRequest::VmBalloonHintsGet | ApiRequest::VmBalloonHintsPut(_) => "vm.balloon-hints",
         }
     }
@@ -208,6 +215,12 @@ mod tests {
             ("PUT", "vm.shutdown", ApiRequest::VmShutdown),
             ("PUT", "vm.delete", ApiRequest::VmDelete),
             ("GET", "vm.balloon-hints", ApiRequest::VmBalloonHintsGet),
+            (
+                "GET",
+                "vm.migration-progress",
+                ApiRequest::VmMigrationProgress,
+            ),
+            ("PUT", "vm.migration-cancel", ApiRequest::VmMigrationCancel),
         ] {
             let path = format!("/api/v1/{endpoint}");
             assert_eq!(parse_request(method, &path, b"").unwrap(), request);

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 pub use error::ConfigError;
 pub use parser::{parse_decimal, parse_size, parse_toggle, OptionParser, MIB};
 pub use request::{
-    BalloonHintsAction, HintAction, ReceiveMigrationData, SendMigrationData, VmResizeData,
+    BalloonHintsAction, HintAction, ReceiveMigrationData, SendMigrationData, TimeoutStrategy,
+    VmResizeData,
 };
 
 /// Smallest guest memory we accept, in bytes.

@@ -20,7 +20,7 @@ pub struct SendMigrationData {
     /// Downtime target for the final round, in milliseconds. Default 300.
     #[serde(default = "default_downtime_ms")]
     pub downtime_ms: u64,
-    /// Give up (and keep the source running) after this many seconds. Default 3600.
+    /// Seconds of dirty rounds before `timeout_strategy` applies. Default 3600.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     /// Use free page hints from the guest to skip free pages in round 0. Default true.
@@ -40,6 +40,10 @@ pub struct SendMigrationData {
     /// Connections carrying guest memory, 1 to 16, each with its own thread. Default 1.
     #[serde(default = "default_connections", skip_serializing_if = "is_one")]
     pub connections: u32,
+    /// What to do when `timeout_s` passes before the rounds fit `downtime_ms`. Default
+    /// `cancel`, as in Cloud Hypervisor (and left out of the JSON then).
+    #[serde(default, skip_serializing_if = "TimeoutStrategy::is_default")]
+    pub timeout_strategy: TimeoutStrategy,
 }
 
 fn default_connections() -> u32 {
@@ -48,6 +52,38 @@ fn default_connections() -> u32 {
 
 fn is_one(n: &u32) -> bool {
     *n == 1
+}
+
+/// `timeout_strategy` of `vm.send-migration`: Cloud Hypervisor's values (`Cancel`, `Ignore`),
+/// lower case accepted too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeoutStrategy {
+    /// Give up: the VM keeps running here, the migration ends `cancelled`.
+    #[default]
+    #[serde(alias = "cancel")]
+    Cancel,
+    /// Pause the VM and finish, whatever the downtime.
+    #[serde(alias = "ignore")]
+    Ignore,
+}
+
+impl TimeoutStrategy {
+    fn is_default(&self) -> bool {
+        *self == TimeoutStrategy::default()
+    }
+
+    /// Parses `cancel` or `ignore` (any case).
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        match value.to_ascii_lowercase().as_str() {
+            "cancel" => Ok(TimeoutStrategy::Cancel),
+            "ignore" => Ok(TimeoutStrategy::Ignore),
+            _ => Err(ConfigError::InvalidValue {
+                flag: "send-migration",
+                value: value.to_string(),
+                expected: "timeout_strategy=cancel or timeout_strategy=ignore",
+            }),
+        }
+    }
 }
 
 fn default_downtime_ms() -> u64 {
@@ -79,12 +115,14 @@ impl SendMigrationData {
             hint_wait_ms: default_hint_wait_ms(),
             tls_dir: None,
             connections: default_connections(),
+            timeout_strategy: TimeoutStrategy::default(),
         }
     }
 
     /// Parses `ch-remote send-migration`'s argument: either a bare URL, or
     /// `destination_url=<url>[,downtime_ms=<n>][,timeout_s=<n>][,free_page_hints=on|off]
     /// [,zero_pages=on|off][,hint_wait_ms=<n>][,local=on|off][,tls_dir=<dir>][,connections=<n>]`.
+    /// [,zero_pages=on|off][,hint_wait_ms=<n>][,local=on|off][,timeout_strategy=cancel|ignore]`.
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         const FLAG: &str = "send-migration";
         if !is_key_value(input) {
@@ -105,6 +143,7 @@ impl SendMigrationData {
                 "hint_wait_ms",
                 "tls_dir",
                 "connections",
+                "timeout_strategy",
             ],
         )?;
         let url = p.get("destination_url").ok_or(ConfigError::MissingKey {
@@ -123,6 +162,10 @@ impl SendMigrationData {
             hint_wait_ms: p.number("hint_wait_ms")?.unwrap_or(defaults.hint_wait_ms),
             tls_dir: p.get("tls_dir").map(PathBuf::from),
             connections: p.number("connections")?.unwrap_or(defaults.connections),
+            timeout_strategy: match p.get("timeout_strategy") {
+                Some(v) => TimeoutStrategy::parse(v)?,
+                None => defaults.timeout_strategy,
+            },
             ..defaults
         };
         data.validate()?;
@@ -336,7 +379,7 @@ mod tests {
     fn send_migration_key_value() {
         let d = SendMigrationData::parse(
             "destination_url=tcp:host:1234,downtime_ms=50,timeout_s=10,free_page_hints=off,\
-             zero_pages=off,hint_wait_ms=7,local=on",
+             zero_pages=off,hint_wait_ms=7,local=on,timeout_strategy=ignore",
         )
         .unwrap();
         assert_eq!(
@@ -351,7 +394,38 @@ mod tests {
                 hint_wait_ms: 7,
                 tls_dir: None,
                 connections: 1,
+                timeout_strategy: TimeoutStrategy::Ignore,
             }
+        );
+    }
+
+    #[test]
+    fn timeout_strategy_defaults_to_cancel_like_cloud_hypervisor() {
+        let d = SendMigrationData::parse("destination_url=unix:/x").unwrap();
+        assert_eq!(d.timeout_strategy, TimeoutStrategy::Cancel);
+        // Left out of the JSON when it is the default; both spellings read.
+        let json = serde_json::to_value(&d).unwrap();
+        assert!(json.get("timeout_strategy").is_none(), "{json}");
+        for (text, want) in [
+            ("Cancel", TimeoutStrategy::Cancel),
+            ("cancel", TimeoutStrategy::Cancel),
+            ("Ignore", TimeoutStrategy::Ignore),
+            ("ignore", TimeoutStrategy::Ignore),
+        ] {
+            let body = format!(r#"{{"destination_url":"unix:/x","timeout_strategy":"{text}"}}"#);
+            let d: SendMigrationData = serde_json::from_str(&body).unwrap();
+            assert_eq!(d.timeout_strategy, want, "{text}");
+        }
+        let ignore = SendMigrationData {
+            timeout_strategy: TimeoutStrategy::Ignore,
+            ..d
+        };
+        assert_eq!(
+            serde_json::to_value(&ignore).unwrap()["timeout_strategy"],
+            "Ignore"
+        );
+        assert!(
+            SendMigrationData::parse("destination_url=unix:/x,timeout_strategy=later").is_err()
         );
     }
 
@@ -371,6 +445,7 @@ mod tests {
             "destination_url=unix:/x,zero_pages=maybe",
             "destination_url=unix:/x,bogus=1",
             "destination_url=unix:/x,local=on,local=off",
+            "destination_url=unix:/x,timeout_strategy=never",
         ] {
             assert!(SendMigrationData::parse(bad).is_err(), "{bad}");
         }

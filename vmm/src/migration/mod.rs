@@ -21,9 +21,12 @@
 //! resumes the guest and keeps running.
 
 pub mod hints;
+pub mod outgoing;
+pub mod progress;
 pub mod receive;
 pub mod send;
 pub mod stripes;
+pub mod source_vm;
 
 use thiserror::Error;
 use vm_migration::protocol::ProtocolError;
@@ -88,6 +91,18 @@ pub enum MigrationError {
     /// The VMM was shut down (or the VM deleted) while a migration was being received.
     #[error("the incoming migration was cancelled")]
     Cancelled,
+    /// `vm.migration-cancel` stopped the migration being sent.
+    #[error("the migration was cancelled (vm.migration-cancel)")]
+    SendCancelled,
+    /// `timeout_strategy=cancel` and the dirty rounds did not fit the downtime in time.
+    #[error("did not converge within timeout_s={timeout_s} (timeout_strategy=cancel)")]
+    NotConverged {
+        /// The time allowed, in seconds.
+        timeout_s: u64,
+    },
+    /// The `migration-send` thread could not be started or filtered.
+    #[error("cannot start the migration-send thread")]
+    SendThread(#[source] std::io::Error),
     /// The receiving thread could not be started.
     #[error("cannot start the migration-recv thread")]
     Spawn(#[source] std::io::Error),

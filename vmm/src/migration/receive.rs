@@ -15,7 +15,7 @@
 //! ```
 
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -80,11 +80,20 @@ struct ReceiveControl {
     phase: AtomicU8,
     /// A second handle on the connection, to wake a blocked read when cancelled.
     stream: Mutex<Option<MigrationStream>>,
+    /// Memory rounds received so far.
+    rounds: AtomicU64,
+    /// Pages received so far.
+    pages: AtomicU64,
 }
 
 impl ReceiveControl {
     fn set_phase(&self, phase: ReceivePhase) {
         self.phase.store(phase as u8, Ordering::SeqCst);
+        crate::event_monitor::emit(
+            "vm",
+            &format!("migration-{}", phase.name()),
+            Some(serde_json::json!({"role": "destination"})),
+        );
     }
 
     fn check(&self) -> Result<(), MigrationError> {
@@ -106,6 +115,14 @@ impl IncomingMigration {
     /// The URL it listens on.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Memory rounds and pages received so far.
+    pub fn received(&self) -> (u64, u64) {
+        (
+            self.control.rounds.load(Ordering::Relaxed),
+            self.control.pages.load(Ordering::Relaxed),
+        )
     }
 
     /// Where it is.
@@ -367,8 +384,12 @@ impl Receiver<'_> {
                 let (Some(vm), Some(ram)) = (&self.vm, &self.ram) else {
                     return Err(MigrationError::Unexpected("Memory"));
                 };
-                receive_memory(vm.memory().as_ref(), ram, header, stream)
+                let table = receive_memory(vm.memory().as_ref(), ram, header, stream)
                     .map_err(MigrationError::Memory)?;
+                self.control.rounds.fetch_add(1, Ordering::Relaxed);
+                self.control
+                    .pages
+                    .fetch_add(table.total_pages(), Ordering::Relaxed);
                 Ok(Next::Continue)
             }
             Command::State => {

@@ -15,10 +15,14 @@ use vm_migration::{
     TlsClient, TransportReport, ZeroPageFilter,
 };
 
-use super::hints::{FreePageHinter, HintWait, HintsUnavailable, MonotonicClock, RoundEnd};
+use super::hints::{
+    FreePageHinter, HintSource, HintWait, HintsUnavailable, MonotonicClock, RoundEnd,
+};
+use super::progress::{MigrationProgress, Phase};
+use super::source_vm::SourceVm;
 use super::stripes::{self, send::SendStripes};
 use super::MigrationError;
-use crate::config::SendMigrationData;
+use crate::config::{SendMigrationData, TimeoutStrategy};
 use crate::memory::GuestMemoryMmap;
 use crate::vm::{Vm, VmState};
 
@@ -33,6 +37,19 @@ pub fn send_migration(
     vm: &mut Vm,
     data: &SendMigrationData,
     hinter: Option<&dyn FreePageHinter>,
+) -> Result<MigrationReport, MigrationError> {
+    let progress = MigrationProgress::new(data.downtime_ms);
+    send_migration_with(vm, data, hinter, &progress)
+}
+
+/// [`send_migration`] for any [`SourceVm`], showing its progress in `progress` and stopping
+/// when `progress` is cancelled (then or on `timeout_strategy=cancel` the error is
+/// [`MigrationError::SendCancelled`] or [`MigrationError::NotConverged`]).
+pub fn send_migration_with(
+    vm: &mut dyn SourceVm,
+    data: &SendMigrationData,
+    hinter: Option<&dyn FreePageHinter>,
+    progress: &MigrationProgress,
 ) -> Result<MigrationReport, MigrationError> {
     if vm.state() != VmState::Running {
         return Err(MigrationError::NotRunning);
@@ -49,9 +66,15 @@ pub fn send_migration(
     }
     let tls = stripes::load_client(data.tls_dir.as_deref())?;
     let stream = stripes::connect(&url, tls.as_ref())?;
+    let mut stream = CountingStream::new(stream);
+    stream.set_watch(progress.watch());
+    match std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() {
+        Ok(fd) => progress.set_connection(fd),
+        Err(e) => log::warn!("a cancel will wait for the current read: {e}"),
+    }
     let mut sender = Sender {
         vm,
-        stream: CountingStream::new(stream),
+        stream,
         report: MigrationReport::default(),
         bandwidth: INITIAL_BANDWIDTH,
         logging: false,
@@ -61,10 +84,24 @@ pub fn send_migration(
         url,
         tls,
         stripes: SendStripes::default(),
+        progress,
     };
-    match sender.run(data, start) {
+    let result = sender.run(data, start);
+    progress.clear_connection();
+    match result {
         Ok(()) => Ok(sender.report),
         Err(e) => {
+            let e = match e {
+                // A write cut by the cancel switch: the stream may be mid-request, so the
+                // destination learns it from the closed connection instead of Abandon.
+                MigrationError::Memory(_) | MigrationError::Protocol(_)
+                    if progress.is_cancelled() =>
+                {
+                    let _ = sender.stream.get_ref().shutdown();
+                    MigrationError::SendCancelled
+                }
+                e => e,
+            };
             sender.abort();
             Err(e)
         }
@@ -78,7 +115,7 @@ struct RoundTimes {
 }
 
 struct Sender<'a, 'h> {
-    vm: &'a mut Vm,
+    vm: &'a mut dyn SourceVm,
     stream: CountingStream<MigrationStream>,
     report: MigrationReport,
     /// Measured by the last round, bytes per second.
@@ -92,9 +129,39 @@ struct Sender<'a, 'h> {
     tls: Option<TlsClient>,
     /// The added connections of `connections=<n>` (none by default).
     stripes: SendStripes,
+    progress: &'h MigrationProgress,
+}
+
+/// A hint source that ends its round early when the migration is cancelled.
+struct CancellableHints<'s, 'p> {
+    inner: &'s mut dyn HintSource,
+    progress: &'p MigrationProgress,
+}
+
+impl HintSource for CancellableHints<'_, '_> {
+    fn cmd_id(&self) -> u32 {
+        self.inner.cmd_id()
+    }
+    fn take_ranges(&mut self) -> Vec<(u64, u64)> {
+        self.inner.take_ranges()
+    }
+    fn wait_stopped(&self, timeout: Duration) -> bool {
+        self.inner.wait_stopped(timeout)
+    }
+    fn is_finished(&self) -> bool {
+        self.progress.is_cancelled() || self.inner.is_finished()
+    }
 }
 
 impl Sender<'_, '_> {
+    /// Fails once the migration was cancelled.
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        match self.progress.is_cancelled() {
+            true => Err(MigrationError::SendCancelled),
+            false => Ok(()),
+        }
+    }
+
     fn request(&mut self, command: Command, payload: &[u8]) -> Result<(), MigrationError> {
         protocol::request(&mut self.stream, command, payload).map_err(MigrationError::Protocol)
     }
@@ -123,6 +190,8 @@ impl Sender<'_, '_> {
         if data.local {
             self.report.hints = HintsReport::unused(HintsUnavailable::LocalMode.to_string());
             self.send_memory_files(&memory)?;
+            self.check_cancel()?;
+            self.progress.enter(Phase::Stopped);
             self.pause()?;
         } else {
             self.precopy(&memory, data, start)?;
@@ -131,9 +200,14 @@ impl Sender<'_, '_> {
         // A guest that powered off, reset or crashed while it was being copied must not be
         // resumed over there from whatever state its vCPUs were left in.
         self.check_guest()?;
+        self.check_cancel()?;
         let snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
         let state = serde_json::to_vec(&snapshot).map_err(|e| MigrationError::Json("state", e))?;
         self.request(Command::State, &state)?;
+        // The point of no return: from here on the destination may run the guest.
+        if !self.progress.commit() {
+            return Err(MigrationError::SendCancelled);
+        }
         self.request(Command::Complete, &[])?;
         // The destination now owns the guest, and the hinted blocks with it.
         self.hints_held = false;
@@ -209,6 +283,9 @@ impl Sender<'_, '_> {
             None => Err(HintsUnavailable::NoBalloon),
             Some(h) => Ok(h),
         };
+        if hinter.is_ok() {
+            self.progress.enter(Phase::Hinting);
+        }
         self.report.hints = match hinter {
             Ok(hinter) => self.collect_hints(
                 hinter,
@@ -218,10 +295,13 @@ impl Sender<'_, '_> {
             Err(why) => HintsReport::unused(why.to_string()),
         };
         self.report.phases.hints_ms = self.report.hints.wait_ms;
+        self.check_cancel()?;
+        self.progress.left_out(self.report.hints.pages_skipped);
         let phase = Instant::now();
         let round0 = round0.finish().map_err(MigrationError::Round)?;
         let mut zero = data.zero_pages.then(|| ZeroPageFilter::new(&ram));
         // 3. Round 0.
+        self.progress.enter(Phase::Round);
         let build_ms = self.send_round(memory, round0.table, zero.as_mut())?;
         self.report.phases.round0_build_ms = duration_ms(phase.elapsed()) - build_ms.send_ms;
         self.report.phases.round0_send_ms = build_ms.send_ms;
@@ -230,16 +310,30 @@ impl Sender<'_, '_> {
         // 4. Dirty rounds until the rest fits the downtime budget, or time is up.
         let deadline = start + Duration::from_secs(data.timeout_s);
         let mut dirty_rounds = 0;
+        let mut last_sync = phase;
         let mut pending = loop {
             self.check_guest()?;
+            self.check_cancel()?;
             let round = self.sync(&ram)?;
             let estimate_ms = round.dirty_pages() as f64 * 4096.0 / self.bandwidth * 1000.0;
-            if estimate_ms <= data.downtime_ms as f64
-                || dirty_rounds >= MAX_DIRTY_ROUNDS
-                || Instant::now() >= deadline
-            {
+            let since = std::mem::replace(&mut last_sync, Instant::now());
+            let secs = since.elapsed().as_secs_f64();
+            self.progress.synced(round.dirty_pages(), secs, estimate_ms);
+            if estimate_ms <= data.downtime_ms as f64 || dirty_rounds >= MAX_DIRTY_ROUNDS {
                 break round;
             }
+            if Instant::now() >= deadline {
+                // Cloud Hypervisor's timeout strategies: give up, or stop the VM anyway.
+                match data.timeout_strategy {
+                    TimeoutStrategy::Cancel => {
+                        return Err(MigrationError::NotConverged {
+                            timeout_s: data.timeout_s,
+                        })
+                    }
+                    TimeoutStrategy::Ignore => break round,
+                }
+            }
+            self.progress.enter(Phase::Round);
             self.send_round(
                 memory,
                 round.into_table().map_err(MigrationError::Round)?,
@@ -249,6 +343,8 @@ impl Sender<'_, '_> {
         };
         self.report.phases.dirty_rounds_ms = duration_ms(phase.elapsed());
         // 5. Pause; what was written since the last sync joins the last round.
+        self.check_cancel()?;
+        self.progress.enter(Phase::Stopped);
         let pause_at = Instant::now();
         self.pause()?;
         self.add_dirty_log(&mut pending)?;
@@ -285,7 +381,13 @@ impl Sender<'_, '_> {
             hinter.stop_round();
             return HintsReport::unused(format!("round refused: {e}"));
         }
-        let outcome = wait.run(session.as_mut(), &clock, |hints| {
+        let progress = self.progress;
+        let mut source = CancellableHints {
+            inner: session.as_mut(),
+            progress,
+        };
+        let outcome = wait.run(&mut source, &clock, |hints| {
+            progress.hinted(hints.iter().map(|(_, len)| len / 4096).sum());
             for (gpa, len) in hints {
                 round0.apply(cmd_id, MemoryRange::new(gpa, len));
             }
@@ -331,6 +433,7 @@ impl Sender<'_, '_> {
         table: MemoryRangeTable,
         zero: Option<&mut ZeroPageFilter>,
     ) -> Result<RoundTimes, MigrationError> {
+        self.check_cancel()?;
         let started = Instant::now();
         let table = match zero {
             Some(filter) => {
@@ -343,14 +446,17 @@ impl Sender<'_, '_> {
             None => table,
         };
         let filtered = started.elapsed();
+        self.progress
+            .round_planned(table.total_pages(), self.report.zero_pages_skipped);
         // Part by part on every connection, each acknowledged.
         let sent = self.stripes.send_round(memory, &table, &mut self.stream)?;
+        let written = started.elapsed();
         log::debug!(
             "round {}: {} ranges, zero scan {:?}, write and ack {:?}",
             self.report.rounds + 1,
             table.len(),
             filtered,
-            started.elapsed() - filtered
+            written - filtered
         );
         let secs = started.elapsed().as_secs_f64();
         if sent >= (16 << 20) && secs > 0.0 {
@@ -359,6 +465,11 @@ impl Sender<'_, '_> {
         self.report.rounds += 1;
         self.report.bytes_sent += sent;
         self.report.pages_sent += table.total_pages();
+        self.progress.round_done(
+            self.report.pages_sent,
+            self.report.bytes_sent,
+            self.bandwidth,
+        );
         log::info!(
             "migration round {}: {} pages in {:.1} ms",
             self.report.rounds,

@@ -483,3 +483,32 @@ fn tls_handshakes_and_transfers_under_the_migration_filters() {
         counted.last_refused_syscall
     );
 }
+
+#[test]
+fn the_migration_sender_connects_but_touches_no_vm() {
+    let sender = migration_send();
+    assert!(covers(&vmm(), &sender));
+    let (socket, connect, nonblocking, kvm, listen) =
+        under_filter(ThreadKind::MigrationSend, || {
+            // SAFETY: a socket that opens is closed at once; connect, ioctl and listen on fd -1
+            // only fail (EBADF) when they are allowed.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let socket = if fd >= 0 {
+                    libc::close(fd);
+                    0
+                } else {
+                    errno_of(-1)
+                };
+                let connect = errno_of(libc::connect(-1, std::ptr::null(), 0) as libc::c_long);
+                let nonblocking = errno_of(libc::ioctl(-1, libc::FIONBIO, 0) as libc::c_long);
+                let kvm = errno_of(libc::ioctl(-1, KVM_GET_DIRTY_LOG as _, 0) as libc::c_long);
+                let listen = errno_of(libc::listen(-1, 1) as libc::c_long);
+                (socket, connect, nonblocking, kvm, listen)
+            }
+        });
+    assert_eq!(
+        (socket, connect, nonblocking, kvm, listen),
+        (0, libc::EBADF, libc::EBADF, libc::EPERM, libc::EPERM)
+    );
+}
