@@ -25,6 +25,9 @@ use crate::vm::{Vm, VmState};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long any single read or write on the connection may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long telling the destination to abandon may block: the connection may be what failed,
+/// and a peer that stopped reading must not cost another [`IO_TIMEOUT`].
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pre-copy rounds after round 0 before the VM is paused whatever the estimate says.
 const MAX_DIRTY_ROUNDS: u32 = 30;
 /// Bandwidth assumed before the first round has measured one (bytes per second).
@@ -343,6 +346,9 @@ impl Sender<'_, '_> {
 
     /// Undoes what a failed migration changed here: the guest runs on, with its memory intact.
     fn abort(&mut self) {
+        if let Err(e) = self.stream.get_ref().configure(Some(ABANDON_TIMEOUT)) {
+            log::debug!("cannot shorten the timeout for abandoning: {e}");
+        }
         if let Err(e) = protocol::write_request(&mut self.stream, Command::Abandon, &[]) {
             log::debug!("could not tell the destination to abandon: {e}");
         }
