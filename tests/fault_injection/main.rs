@@ -188,11 +188,17 @@ fn attempt(src: &Vmm, dst: &Vmm, point: Point, action: Action) -> (Output, Outpu
     let receiver = start_receiving(dst);
     let listen = src.scratch.path("proxy.sock");
     let proxy = Proxy::start(&listen, &receiver_path(dst), point, action);
+    let started = Instant::now();
     let sent = src.remote(&[
         "send-migration",
         &format!("destination_url=unix:{},{SEND_OPTIONS}", listen.display()),
     ]);
+    let send_s = started.elapsed().as_secs_f64();
     let received = receiver.join().expect("receiver thread");
+    eprintln!(
+        "  send-migration ended after {send_s:.1} s, receive-migration after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let hit = proxy.finish();
     (sent, received, hit)
 }
@@ -314,7 +320,11 @@ fn finally_migrates(mut src: Vmm, mut dst: Vmm) {
 fn the_connection_cut_at_every_phase_loses_nothing() {
     let mut src = boot_source("fault-cut-src", &TWO_CPUS);
     let dst = Vmm::waiting("fault-cut-dst");
-    // (name, point, whether the guest had hinted blocks when the cut came)
+    // (name, point, whether the guest had hinted blocks when the cut came). Memory requests
+    // after round 0 are dirty rounds until the VM is paused for the last one; with a second vCPU
+    // rewriting the hot set and a downtime nobody meets, the first few are dirty rounds.
+    // Not here: losing the answer to Complete. The destination has resumed the guest and the
+    // source cannot know; it resumes too (two copies run). No two-party protocol avoids that.
     let cases = [
         ("start request", Point::Request(START, 0), false),
         ("start answer", Point::Answer(START, 0), false),
@@ -329,9 +339,10 @@ fn the_connection_cut_at_every_phase_loses_nothing() {
         ("round 0 half sent", Point::MemoryHalf(0), true),
         ("round 0 answer", Point::Answer(MEMORY, 0), true),
         ("dirty round 1 request", Point::Request(MEMORY, 1), true),
+        ("dirty round 1 half sent", Point::MemoryHalf(1), true),
         ("dirty round 1 answer", Point::Answer(MEMORY, 1), true),
         ("dirty round 2 half sent", Point::MemoryHalf(2), true),
-        ("dirty round 3 answer", Point::Answer(MEMORY, 3), true),
+        ("dirty round 2 answer", Point::Answer(MEMORY, 2), true),
         ("state request", Point::Request(STATE, 0), true),
         ("state answer", Point::Answer(STATE, 0), true),
         ("complete request", Point::Request(COMPLETE, 0), true),

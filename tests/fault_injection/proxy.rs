@@ -55,6 +55,7 @@ struct Shared {
     stalled: AtomicBool,
     closing: AtomicBool,
     sockets: Mutex<Vec<UnixStream>>,
+    connected: Mutex<Option<Instant>>,
 }
 
 /// What to do after the fault fired.
@@ -75,6 +76,14 @@ impl Shared {
             return After::Go;
         };
         self.hit.store(true, Ordering::SeqCst);
+        eprintln!(
+            "  proxy: {:?} reached {:.1} s after the source connected",
+            self.point,
+            self.connected
+                .lock()
+                .unwrap()
+                .map_or(0.0, |t| t.elapsed().as_secs_f64())
+        );
         match action {
             Action::Cut => {
                 self.close_all();
@@ -119,6 +128,7 @@ impl Proxy {
             stalled: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             sockets: Mutex::new(Vec::new()),
+            connected: Mutex::new(None),
         });
         let dest = dest.to_path_buf();
         let thread = std::thread::spawn({
@@ -162,6 +172,7 @@ fn run(listener: UnixListener, dest: PathBuf, shared: Arc<Shared>) {
         }
     };
     source.set_nonblocking(false).unwrap();
+    *shared.connected.lock().unwrap() = Some(Instant::now());
     let Ok(dest) = UnixStream::connect(&dest) else {
         return;
     };
@@ -237,6 +248,12 @@ fn requests(
         let half = (shared.point == Point::MemoryHalf(nth)).then_some(data / 2);
         let mut left = data;
         let mut buf = vec![0u8; 1 << 16];
+        // A round with nothing to send is "half sent" once its table is through.
+        if half.is_some() && data == 0 {
+            if let After::Stop = shared.fire() {
+                return;
+            }
+        }
         while left > 0 {
             if half.is_some_and(|h| data - left >= h) {
                 if let After::Stop = shared.fire() {

@@ -1,8 +1,14 @@
 //! A stream wrapper that counts the bytes written to and read from the transport; its write
 //! count is the migration report's `wire_bytes`.
+//!
+//! It also turns a write that came back short after blocking for the stall limit into a
+//! timeout: a socket's send timeout counts per call, and a call that moved some bytes before the
+//! peer stopped reading returns them after waiting the whole timeout, so without this a peer that
+//! stalls is noticed only after two or three timeouts.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
@@ -14,6 +20,7 @@ pub struct CountingStream<S> {
     inner: S,
     written: u64,
     read: u64,
+    stall_limit: Option<Duration>,
 }
 
 impl<S> CountingStream<S> {
@@ -23,6 +30,29 @@ impl<S> CountingStream<S> {
             inner,
             written: 0,
             read: 0,
+            stall_limit: None,
+        }
+    }
+
+    /// Makes a write that returns short after blocking for (90% of) `limit` or longer fail as
+    /// timed out (the peer stopped taking data). Set it to the socket's send timeout.
+    pub fn with_stall_limit(mut self, limit: Duration) -> Self {
+        self.stall_limit = Some(limit);
+        self
+    }
+
+    /// Counts `n` bytes written by a call that started at `started` and was given `wanted`.
+    fn written_by(&mut self, n: usize, wanted: usize, started: Instant) -> io::Result<usize> {
+        self.written += n as u64;
+        match self.stall_limit {
+            // The kernel's timer may end the call a little before `limit` by our clock.
+            Some(limit) if n < wanted && started.elapsed() >= limit.mul_f64(0.9) => {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no progress for {limit:?}"),
+                ))
+            }
+            _ => Ok(n),
         }
     }
 
@@ -59,9 +89,9 @@ impl<S> CountingStream<S> {
 
 impl<S: Write> Write for CountingStream<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let started = Instant::now();
         let n = self.inner.write(buf)?;
-        self.written += n as u64;
-        Ok(n)
+        self.written_by(n, buf.len(), started)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -82,9 +112,10 @@ impl<S: WriteVolatile> WriteVolatile for CountingStream<S> {
         &mut self,
         buf: &VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
+        let started = Instant::now();
         let n = self.inner.write_volatile(buf)?;
-        self.written += n as u64;
-        Ok(n)
+        self.written_by(n, buf.len(), started)
+            .map_err(VolatileMemoryError::IOError)
     }
 }
 
@@ -132,5 +163,47 @@ mod tests {
         r.read_to_end(&mut rest).unwrap();
         assert_eq!(r.bytes_read(), 6 + 0x2000);
         assert_eq!(r.bytes_written(), 0);
+    }
+
+    /// Takes a little per call, then blocks for the whole call: what a socket does when the
+    /// peer stops reading in the middle of a write.
+    struct StallingWriter {
+        delay: Duration,
+    }
+
+    impl Write for StallingWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(self.delay);
+            Ok(buf.len().min(3))
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_short_write_after_the_stall_limit_is_a_timeout() {
+        let slow = StallingWriter {
+            delay: Duration::from_millis(30),
+        };
+        let mut s = CountingStream::new(slow).with_stall_limit(Duration::from_millis(20));
+        let err = s.write_all(b"0123456789").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("no progress"), "{err}");
+        assert_eq!(s.bytes_written(), 3);
+        // Short writes that come quickly are just short writes.
+        let quick = StallingWriter {
+            delay: Duration::ZERO,
+        };
+        let mut s = CountingStream::new(quick).with_stall_limit(Duration::from_secs(5));
+        s.write_all(b"0123456789").unwrap();
+        assert_eq!(s.bytes_written(), 10);
+        // Without a limit nothing changes.
+        let slow = StallingWriter {
+            delay: Duration::from_millis(1),
+        };
+        let mut s = CountingStream::new(slow);
+        s.write_all(b"0123").unwrap();
     }
 }

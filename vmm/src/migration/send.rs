@@ -57,7 +57,7 @@ pub fn send_migration(
         .map_err(MigrationError::Transport)?;
     let mut sender = Sender {
         vm,
-        stream: CountingStream::new(stream),
+        stream: CountingStream::new(stream).with_stall_limit(IO_TIMEOUT),
         report: MigrationReport::default(),
         bandwidth: INITIAL_BANDWIDTH,
         logging: false,
