@@ -25,6 +25,9 @@ pub const STATE: u16 = 5;
 /// Complete request.
 pub const COMPLETE: u16 = 6;
 
+/// How long the answer to a Memory request is held back until the fault has struck.
+const MEMORY_PACE: Duration = Duration::from_millis(100);
+
 /// Where in the stream the fault strikes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Point {
@@ -289,6 +292,11 @@ fn answers(
             return;
         }
         let (command, nth) = rx.recv_timeout(Duration::from_secs(1)).unwrap_or((0, 0));
+        if command == MEMORY && !shared.hit.load(Ordering::SeqCst) {
+            // Give the guest time to dirty pages before the next sync, so that a busy host
+            // cannot make the source stop after round 0 before the fault's dirty round.
+            std::thread::sleep(MEMORY_PACE);
+        }
         if shared.point == Point::Answer(command, nth) {
             if let After::Stop = shared.fire() {
                 return;
