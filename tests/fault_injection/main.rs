@@ -130,6 +130,33 @@ fn hint_done_lines(vmm: &Vmm) -> usize {
         .count()
 }
 
+/// The VMM reported the failed migration in exactly one log line since it had `before` lines.
+/// (Other lines may come with it: on a starved host the vCPU threads of a VM dropped right after
+/// its restore can take longer than the VMM waits for them, which it logs.)
+fn one_log_line(vmm: &Vmm, before: usize, case: &str) {
+    let text = vmm.stderr_text();
+    let new: Vec<&str> = text.lines().skip(before).collect();
+    let reports: Vec<&&str> = new
+        .iter()
+        .filter(|l| l.contains("vmm::migration"))
+        .collect();
+    assert_eq!(
+        reports.len(),
+        1,
+        "{case}: one line must report the failure: {new:#?}"
+    );
+    assert!(
+        reports[0].contains("incoming migration failed"),
+        "{case}: {}",
+        reports[0]
+    );
+    for line in &new {
+        if !line.contains("vmm::migration") {
+            eprintln!("  {case}: the destination also logged: {line}");
+        }
+    }
+}
+
 fn no_panic(vmm: &Vmm, case: &str) {
     let err = vmm.stderr_text();
     assert!(!err.contains("panicked"), "{case}: a VMM panicked:\n{err}");
@@ -208,6 +235,7 @@ fn attempt(src: &Vmm, dst: &Vmm, point: Point, action: Action) -> (Output, Outpu
 fn fault_case(src: &mut Vmm, dst: &Vmm, name: &str, point: Point, action: Action, hinted: bool) {
     let src_base = usage(src.child.id());
     let dst_base = usage(dst.child.id());
+    let dst_log = dst.stderr_text().lines().count();
     let done_before = hint_done_lines(src);
     let started = Instant::now();
     let (sent, received, hit) = attempt(src, dst, point, action);
@@ -222,6 +250,7 @@ fn fault_case(src: &mut Vmm, dst: &Vmm, name: &str, point: Point, action: Action
         let recv_err = one_error_line(&received, "receive-migration", name);
         eprintln!("  destination: {recv_err}");
         no_panic(dst, name);
+        one_log_line(dst, dst_log, name);
     }
     source_runs(src, name);
     if hinted {
@@ -423,6 +452,7 @@ fn a_stalled_peer_hits_the_io_timeout() {
 /// leave nothing behind. `talk` sends what it likes on the connection.
 fn crafted_case(dst: &Vmm, name: &str, talk: impl FnOnce(&mut std::os::unix::net::UnixStream)) {
     let base = usage(dst.child.id());
+    let log = dst.stderr_text().lines().count();
     let receiver = start_receiving(dst);
     let mut conn = std::os::unix::net::UnixStream::connect(receiver_path(dst)).expect("connect");
     conn.set_read_timeout(Some(Duration::from_secs(30)))
@@ -433,6 +463,7 @@ fn crafted_case(dst: &Vmm, name: &str, talk: impl FnOnce(&mut std::os::unix::net
     let err = one_error_line(&received, "receive-migration", name);
     eprintln!("fault {name}: destination: {err}");
     no_panic(dst, name);
+    one_log_line(dst, log, name);
     assert!(dst.remote(&["ping"]).status.success(), "{name}");
     wait_usage_back(dst, &base, name);
 }
