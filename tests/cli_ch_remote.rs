@@ -299,6 +299,19 @@ fn ping_and_shutdown_vmm() {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    // A client that sends half a request and stalls does not hold the API for others (the
+    // server's read deadline is 10 s).
+    let mut stalled = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    stalled.write_all(b"GET /api/v1/vm").unwrap();
+    let asked = std::time::Instant::now();
+    let out = ch_remote(&path, &["ping"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(5),
+        "ping took {:?} next to a stalled client",
+        asked.elapsed()
+    );
+    drop(stalled);
     let out = ch_remote(&path, &["shutdown-vmm"]);
     assert_eq!(
         out.status.code(),
@@ -309,4 +322,23 @@ fn ping_and_shutdown_vmm() {
     let status = vmm.wait().unwrap();
     assert!(status.success());
     let _ = std::fs::remove_file(&path);
+}
+
+/// The VMM never replaces an API socket path that is not a socket: it refuses to start with one
+/// line, and the file is left as it was.
+#[test]
+fn an_api_socket_path_that_is_not_a_socket_is_refused() {
+    let path = socket_path("plain-file");
+    std::fs::write(&path, b"precious").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cloud-hypervisor"))
+        .arg("--api-socket")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    std::fs::remove_file(&path).unwrap();
 }

@@ -1,10 +1,16 @@
 //! A stream wrapper that counts the bytes written to and read from the transport; its write
 //! count is the migration report's `wire_bytes`.
+//!
+//! It also turns a write that came back short after blocking for the stall limit into a
+//! timeout: a socket's send timeout counts per call, and a call that moved some bytes before the
+//! peer stopped reading returns them after waiting the whole timeout, so without this a peer that
+//! stalls is noticed only after two or three timeouts.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
@@ -17,6 +23,7 @@ pub struct CountingStream<S> {
     written: u64,
     read: u64,
     watch: Option<Arc<StreamWatch>>,
+    stall_limit: Option<Duration>,
 }
 
 /// The most a watched stream writes of guest memory in one call, so that the count moves and a
@@ -72,6 +79,29 @@ impl<S> CountingStream<S> {
             written: 0,
             read: 0,
             watch: None,
+            stall_limit: None,
+        }
+    }
+
+    /// Makes a write that returns short after blocking for (90% of) `limit` or longer fail as
+    /// timed out (the peer stopped taking data). Set it to the socket's send timeout.
+    pub fn with_stall_limit(mut self, limit: Duration) -> Self {
+        self.stall_limit = Some(limit);
+        self
+    }
+
+    /// Counts `n` bytes written by a call that started at `started` and was given `wanted`.
+    fn written_by(&mut self, n: usize, wanted: usize, started: Instant) -> io::Result<usize> {
+        self.written += n as u64;
+        match self.stall_limit {
+            // The kernel's timer may end the call a little before `limit` by our clock.
+            Some(limit) if n < wanted && started.elapsed() >= limit.mul_f64(0.9) => {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no progress for {limit:?}"),
+                ))
+            }
+            _ => Ok(n),
         }
     }
 
@@ -119,12 +149,12 @@ impl<S: Write> Write for CountingStream<S> {
         if let Some(w) = &self.watch {
             w.before_write()?;
         }
+        let started = Instant::now();
         let n = self.inner.write(buf)?;
-        self.written += n as u64;
         if let Some(w) = &self.watch {
             w.wrote(n);
         }
-        Ok(n)
+        self.written_by(n, buf.len(), started)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -145,19 +175,20 @@ impl<S: WriteVolatile> WriteVolatile for CountingStream<S> {
         &mut self,
         buf: &VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        let n = match &self.watch {
+        let started = Instant::now();
+        let (n, wanted) = match &self.watch {
             Some(w) => {
                 w.before_write().map_err(VolatileMemoryError::IOError)?;
                 let part = buf.subslice(0, buf.len().min(WATCH_CHUNK))?;
-                self.inner.write_volatile(&part)?
+                (self.inner.write_volatile(&part)?, part.len())
             }
-            None => self.inner.write_volatile(buf)?,
+            None => (self.inner.write_volatile(buf)?, buf.len()),
         };
-        self.written += n as u64;
         if let Some(w) = &self.watch {
             w.wrote(n);
         }
-        Ok(n)
+        self.written_by(n, wanted, started)
+            .map_err(VolatileMemoryError::IOError)
     }
 }
 
@@ -235,5 +266,47 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
         assert!(send_ranges(&mem, &table, &mut s).is_err());
         assert_eq!(s.bytes_written(), 6 + 0x3000 + 4);
+    }
+
+    /// Takes a little per call, then blocks for the whole call: what a socket does when the
+    /// peer stops reading in the middle of a write.
+    struct StallingWriter {
+        delay: Duration,
+    }
+
+    impl Write for StallingWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(self.delay);
+            Ok(buf.len().min(3))
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_short_write_after_the_stall_limit_is_a_timeout() {
+        let slow = StallingWriter {
+            delay: Duration::from_millis(30),
+        };
+        let mut s = CountingStream::new(slow).with_stall_limit(Duration::from_millis(20));
+        let err = s.write_all(b"0123456789").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("no progress"), "{err}");
+        assert_eq!(s.bytes_written(), 3);
+        // Short writes that come quickly are just short writes.
+        let quick = StallingWriter {
+            delay: Duration::ZERO,
+        };
+        let mut s = CountingStream::new(quick).with_stall_limit(Duration::from_secs(5));
+        s.write_all(b"0123456789").unwrap();
+        assert_eq!(s.bytes_written(), 10);
+        // Without a limit nothing changes.
+        let slow = StallingWriter {
+            delay: Duration::from_millis(1),
+        };
+        let mut s = CountingStream::new(slow);
+        s.write_all(b"0123").unwrap();
     }
 }

@@ -46,6 +46,7 @@
 pub mod bitmap;
 pub mod counting;
 pub mod hints;
+pub mod io_errors;
 pub mod memory;
 pub mod protocol;
 pub mod ranges;

@@ -133,7 +133,7 @@ where
                 .map_err(|source| MemoryStreamError::Send {
                     gpa,
                     length,
-                    source,
+                    source: crate::io_errors::explain_volatile(source),
                 })?;
         }
         total += length;
@@ -168,7 +168,7 @@ where
                 .map_err(|source| MemoryStreamError::Receive {
                     gpa,
                     length,
-                    source,
+                    source: crate::io_errors::explain_volatile(source),
                 })?;
         }
         total += length;
@@ -193,7 +193,7 @@ where
     table.write_to(out).map_err(MemoryStreamError::Table)?;
     let sent = send_ranges(mem, table, out)?;
     out.flush()
-        .map_err(|e| MemoryStreamError::Protocol(ProtocolError::Write(e)))?;
+        .map_err(|e| MemoryStreamError::Protocol(ProtocolError::write(e)))?;
     Ok(sent)
 }
 

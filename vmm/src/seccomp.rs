@@ -474,14 +474,16 @@ fn vcpu() -> Allow {
     a
 }
 
-/// The API server: one UNIX connection at a time, with timeouts; requests go to the VMM thread
-/// over a channel; the socket file is removed when the VMM is told to stop. Validating a
+/// The API server: UNIX connections watched with `poll`, with timeouts; requests go to the VMM
+/// thread over a channel; the socket file is removed when the VMM is told to stop. Validating a
 /// `vm.create` body reads the start of the kernel and opens the initramfs: files may be opened
 /// read-only.
 fn http_server() -> Allow {
     let mut a = runtime();
     a.any(&[
         libc::SYS_accept4,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
         libc::SYS_read,
         libc::SYS_recvfrom,
         libc::SYS_sendto,

@@ -109,9 +109,9 @@ pub fn send_memory_fds(
         // The descriptors travel with the first byte; any rest is plain data.
         writer
             .write_all(&payload[sent.min(payload.len())..])
-            .map_err(ProtocolError::Write)?;
+            .map_err(ProtocolError::write)?;
     }
-    writer.flush().map_err(ProtocolError::Write)?;
+    writer.flush().map_err(ProtocolError::write)?;
     Ok((RequestHeader::WIRE_SIZE + payload.len()) as u64)
 }
 
@@ -159,7 +159,7 @@ pub fn receive_memory_fds(
         let mut reader = socket;
         reader
             .read_exact(&mut payload[got..])
-            .map_err(ProtocolError::Read)?;
+            .map_err(ProtocolError::read)?;
     }
     if owned.len() != entries {
         return Err(ProtocolError::FdCount {

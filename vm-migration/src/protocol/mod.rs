@@ -196,6 +196,16 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    /// [`ProtocolError::Read`], worded to say what happened to the peer.
+    pub fn read(err: io::Error) -> Self {
+        ProtocolError::Read(crate::io_errors::explain(err))
+    }
+
+    /// [`ProtocolError::Write`], worded to say what happened to the peer.
+    pub fn write(err: io::Error) -> Self {
+        ProtocolError::Write(crate::io_errors::explain(err))
+    }
+
     /// The reason code to answer the peer with when this error ends a request.
     pub fn reason(&self) -> ErrorReason {
         match self {

@@ -173,7 +173,7 @@ impl RequestHeader {
     /// Reads and validates a header.
     pub fn read_from<R: Read>(reader: &mut R) -> Result<Self, ProtocolError> {
         let mut bytes = [0u8; Self::WIRE_SIZE];
-        reader.read_exact(&mut bytes).map_err(ProtocolError::Read)?;
+        reader.read_exact(&mut bytes).map_err(ProtocolError::read)?;
         Self::from_bytes(&bytes)
     }
 
@@ -181,7 +181,7 @@ impl RequestHeader {
     pub fn write_to<W: Write>(&self, writer: &mut W) -> Result<(), ProtocolError> {
         writer
             .write_all(&self.to_bytes())
-            .map_err(ProtocolError::Write)
+            .map_err(ProtocolError::write)
     }
 }
 
@@ -196,7 +196,7 @@ pub fn read_payload<R: Read>(
     let got = reader
         .take(expected)
         .read_to_end(&mut payload)
-        .map_err(ProtocolError::Read)? as u64;
+        .map_err(ProtocolError::read)? as u64;
     if got != expected {
         return Err(ProtocolError::Truncated { expected, got });
     }
@@ -213,8 +213,8 @@ pub fn write_request<W: Write>(
     let mut frame = Vec::with_capacity(RequestHeader::WIRE_SIZE + payload.len());
     frame.extend_from_slice(&header.to_bytes());
     frame.extend_from_slice(payload);
-    writer.write_all(&frame).map_err(ProtocolError::Write)?;
-    writer.flush().map_err(ProtocolError::Write)
+    writer.write_all(&frame).map_err(ProtocolError::write)?;
+    writer.flush().map_err(ProtocolError::write)
 }
 
 /// Sends a request with its payload and waits for the response; an Error response becomes

@@ -154,8 +154,8 @@ impl Response {
     pub fn write_to<W: Write>(&self, writer: &mut W) -> Result<(), ProtocolError> {
         writer
             .write_all(&self.to_bytes())
-            .map_err(ProtocolError::Write)?;
-        writer.flush().map_err(ProtocolError::Write)
+            .map_err(ProtocolError::write)?;
+        writer.flush().map_err(ProtocolError::write)
     }
 
     /// Reads and validates a response.
@@ -163,7 +163,7 @@ impl Response {
         let mut wire = ResponseWire::new_zeroed();
         reader
             .read_exact(wire.as_mut_bytes())
-            .map_err(ProtocolError::Read)?;
+            .map_err(ProtocolError::read)?;
         if wire.magic.get() != RESPONSE_MAGIC {
             return Err(ProtocolError::BadMagic {
                 found: wire.magic.get(),
@@ -190,7 +190,7 @@ impl Response {
                     });
                 }
                 let mut bytes = vec![0u8; message_len as usize];
-                reader.read_exact(&mut bytes).map_err(ProtocolError::Read)?;
+                reader.read_exact(&mut bytes).map_err(ProtocolError::read)?;
                 Ok(Response::Error {
                     reason: ErrorReason::from_code(wire.reason.get()),
                     message: String::from_utf8_lossy(&bytes).into_owned(),

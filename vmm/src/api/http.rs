@@ -1,13 +1,16 @@
 //! A small HTTP/1.1 server for the API socket.
 //!
-//! One request per connection (every answer carries `Connection: close`), one connection at a
-//! time, on a thread named `http-server`. Requests are read with a deadline and size limits, so a
-//! slow, silent or malicious client gets a 4xx (or is dropped) and the server goes on serving.
+//! One request per connection (every answer carries `Connection: close`), on a thread named
+//! `http-server`. The thread `poll`s the listener and every connection whose request is still
+//! arriving (up to [`MAX_CONNECTIONS`]; more are answered 503 at once), reads only what has
+//! arrived, and handles each request as soon as it is complete: a slow or silent client holds
+//! nothing but its own connection. Every request has a deadline and size limits, so such a client
+//! gets a 4xx (or is dropped) and the server goes on serving.
 //!
 //! A handler may answer later ([`ApiReply::Later`], e.g. `vm.receive-migration`, which ends when
 //! a migration has arrived): its connection is kept open and answered when the result comes,
-//! while the server goes on serving other connections. To notice that result, the listener's
-//! `accept` gives up every [`PENDING_POLL`].
+//! while the server goes on serving other connections. To notice that result, the `poll` gives up
+//! every [`PENDING_POLL`].
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -37,6 +40,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the server looks for results of requests answered later.
 const PENDING_POLL: Duration = Duration::from_millis(100);
+/// Most connections whose requests are being read at the same time; more are answered 503.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// What a handler gives back for a request.
 pub enum ApiReply {
@@ -269,29 +274,44 @@ impl Pending {
     }
 }
 
-/// The server loop: accept, read one request, answer (now or later), close.
+/// The server loop: wait for the listener and the connections being read, accept, read what has
+/// arrived, answer complete requests (now or later) and late ones (408), close.
 fn serve(listener: UnixListener, path: &Path, mut handler: ApiHandler, limits: Limits) {
     info!("API server listening on {}", path.display());
     let mut pending: Vec<Pending> = Vec::new();
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => match handle_connection(stream, &mut handler, limits) {
-                Flow::Continue => {}
-                Flow::Later(p) => pending.push(p),
-                Flow::Stop => break,
-            },
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                warn!("API socket accept failed: {e}");
-                // Out of file descriptors and the like: do not spin.
-                thread::sleep(Duration::from_millis(10));
+    let mut reading: Vec<Reading> = Vec::new();
+    'serve: loop {
+        let ready = wait_ready(&listener, &reading);
+        if ready.first().copied().unwrap_or(false) {
+            accept(&listener, &mut reading, limits);
+        }
+        let mut still = Vec::with_capacity(reading.len());
+        for (index, mut conn) in std::mem::take(&mut reading).into_iter().enumerate() {
+            let outcome = if ready.get(index + 1).copied().unwrap_or(false) {
+                conn.advance()
+            } else {
+                Ok(None)
+            };
+            match outcome {
+                Ok(Some(raw)) => match handle_request(conn.stream, raw, &mut handler) {
+                    Flow::Continue => {}
+                    Flow::Later(p) => pending.push(p),
+                    // Connections still being read are closed with the server.
+                    Flow::Stop => break 'serve,
+                },
+                Ok(None) if Instant::now() >= conn.deadline => {
+                    debug!("API request timed out");
+                    send(&mut conn.stream, &error_response(&ApiError::RequestTimeout));
+                }
+                Ok(None) => still.push(conn),
+                Err(ReadError::Closed) => {}
+                Err(ReadError::Reply(e)) => {
+                    debug!("Bad API request: {}", e.message());
+                    send(&mut conn.stream, &error_response(&e));
+                }
             }
         }
+        reading = still;
         pending.retain_mut(|p| !p.try_answer());
     }
     for mut p in pending {
@@ -307,6 +327,123 @@ fn serve(listener: UnixListener, path: &Path, mut handler: ApiHandler, limits: L
         _ => {}
     }
     info!("API server stopped");
+}
+
+/// Waits until the listener or a connection being read has something, a deadline passes, or
+/// [`PENDING_POLL`] is up; says which are ready (the listener first, then `reading` in order).
+fn wait_ready(listener: &UnixListener, reading: &[Reading]) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let now = Instant::now();
+    let wait = reading
+        .iter()
+        .map(|r| r.deadline.saturating_duration_since(now))
+        .fold(PENDING_POLL, Duration::min);
+    let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+        .chain(reading.iter().map(|r| r.stream.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // Rounded up, so a deadline is never polled for 0 ms in a loop.
+    let timeout_ms = libc::c_int::try_from(wait.as_millis() + 1).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fds` is a valid array of initialized pollfds whose length we pass, alive across
+    // the call; the descriptors belong to `listener` and `reading`, which outlive it.
+    let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            warn!("API socket poll failed: {e}");
+            // Out of memory and the like: do not spin.
+            thread::sleep(Duration::from_millis(10));
+        }
+        return vec![false; fds.len()];
+    }
+    fds.iter().map(|p| p.revents != 0).collect()
+}
+
+/// Accepts one connection: read from now on, or answered 503 when [`MAX_CONNECTIONS`] are
+/// being read already.
+fn accept(listener: &UnixListener, reading: &mut Vec<Reading>, limits: Limits) {
+    let mut stream = match listener.accept() {
+        Ok((stream, _)) => stream,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) =>
+        {
+            return
+        }
+        Err(e) => {
+            warn!("API socket accept failed: {e}");
+            // Out of file descriptors and the like: do not spin.
+            thread::sleep(Duration::from_millis(10));
+            return;
+        }
+    };
+    // Reads happen only once `poll` says data is there; the short read timeout is a backstop.
+    let configured = stream
+        .set_write_timeout(Some(limits.write_timeout))
+        .and_then(|()| stream.set_read_timeout(Some(PENDING_POLL)));
+    if let Err(e) = configured {
+        warn!("Cannot set the API connection's timeouts: {e}");
+        return;
+    }
+    if reading.len() >= MAX_CONNECTIONS {
+        warn!("{MAX_CONNECTIONS} API connections are being read already; refusing one more");
+        let busy = ApiError::TooManyConnections {
+            limit: MAX_CONNECTIONS,
+        };
+        send(&mut stream, &error_response(&busy));
+        return;
+    }
+    reading.push(Reading {
+        stream,
+        buf: Vec::with_capacity(1024),
+        deadline: Instant::now() + limits.request_timeout,
+        continue_sent: false,
+    });
+}
+
+/// A connection whose request is still arriving.
+struct Reading {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// When the whole request must have arrived.
+    deadline: Instant,
+    /// `100 Continue` was sent.
+    continue_sent: bool,
+}
+
+impl Reading {
+    /// Reads what has arrived (`poll` said something has, so this does not wait) and parses the
+    /// request once it is complete.
+    fn advance(&mut self) -> Result<Option<RawRequest>, ReadError> {
+        read_some(
+            &mut self.stream,
+            &mut self.buf,
+            MAX_HEADER_SIZE + MAX_BODY_SIZE,
+        )?;
+        match parse_request(&self.buf)? {
+            Parsed::Complete(raw) => Ok(Some(raw)),
+            Parsed::Incomplete { expect_continue } => {
+                if expect_continue && !self.continue_sent {
+                    // curl waits for this before sending a large body.
+                    self.continue_sent = true;
+                    if self
+                        .stream
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .is_err()
+                    {
+                        return Err(ReadError::Closed);
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
 }
 
 enum Flow {
@@ -333,20 +470,8 @@ enum ReadError {
     Reply(ApiError),
 }
 
-fn handle_connection(mut stream: UnixStream, handler: &mut ApiHandler, limits: Limits) -> Flow {
-    if let Err(e) = stream.set_write_timeout(Some(limits.write_timeout)) {
-        warn!("Cannot set the API connection's write timeout: {e}");
-        return Flow::Continue;
-    }
-    let raw = match read_request(&mut stream, Instant::now() + limits.request_timeout) {
-        Ok(raw) => raw,
-        Err(ReadError::Closed) => return Flow::Continue,
-        Err(ReadError::Reply(e)) => {
-            debug!("Bad API request: {}", e.message());
-            send(&mut stream, &error_response(&e));
-            return Flow::Continue;
-        }
-    };
+/// Handles a complete request and answers it (now, or later through [`Flow::Later`]).
+fn handle_request(mut stream: UnixStream, raw: RawRequest, handler: &mut ApiHandler) -> Flow {
     let request = match routes::parse_request(&raw.method, &raw.path, &raw.body) {
         Ok(request) => request,
         Err(e) => {
@@ -407,17 +532,27 @@ fn call(handler: &mut ApiHandler, request: ApiRequest) -> ApiReply {
     })
 }
 
-/// Reads one request: headers up to [`MAX_HEADER_SIZE`], a body up to [`MAX_BODY_SIZE`].
-fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<RawRequest, ReadError> {
-    let mut buf = Vec::with_capacity(1024);
-    let header_len = loop {
-        if let Some(end) = find_header_end(&buf) {
-            break end;
-        }
+/// A request parsed so far.
+enum Parsed {
+    /// More is to come; `expect_continue` once the headers are in and ask for `100 Continue`.
+    Incomplete {
+        /// The client waits for `100 Continue` before it sends the body.
+        expect_continue: bool,
+    },
+    /// The whole request.
+    Complete(RawRequest),
+}
+
+/// Parses the bytes of a request received so far: headers up to [`MAX_HEADER_SIZE`], a body up
+/// to [`MAX_BODY_SIZE`].
+fn parse_request(buf: &[u8]) -> Result<Parsed, ReadError> {
+    let Some(header_len) = find_header_end(buf) else {
         if buf.len() >= MAX_HEADER_SIZE {
             return Err(ReadError::Reply(ApiError::HeadersTooLarge));
         }
-        read_some(stream, &mut buf, MAX_HEADER_SIZE + MAX_BODY_SIZE, deadline)?;
+        return Ok(Parsed::Incomplete {
+            expect_continue: false,
+        });
     };
     if header_len > MAX_HEADER_SIZE {
         return Err(ReadError::Reply(ApiError::HeadersTooLarge));
@@ -463,36 +598,20 @@ fn read_request(stream: &mut UnixStream, deadline: Instant) -> Result<RawRequest
             limit: MAX_BODY_SIZE,
         }));
     }
-
-    let mut body = buf.split_off(header_len);
-    if body.len() < length && expect_continue {
-        // curl waits for this before sending a large body.
-        if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
-            return Err(ReadError::Closed);
-        }
-    }
-    while body.len() < length {
-        read_some(stream, &mut body, length, deadline)?;
+    let body = &buf[header_len..];
+    if body.len() < length {
+        return Ok(Parsed::Incomplete { expect_continue });
     }
     // Bytes past the body (a pipelined request) are dropped: we answer one request per connection.
-    body.truncate(length);
-    Ok(RawRequest { method, path, body })
+    Ok(Parsed::Complete(RawRequest {
+        method,
+        path,
+        body: body[..length].to_vec(),
+    }))
 }
 
-/// Reads what is available, up to `limit` bytes in `buf`, before `deadline`.
-fn read_some(
-    stream: &mut UnixStream,
-    buf: &mut Vec<u8>,
-    limit: usize,
-    deadline: Instant,
-) -> Result<(), ReadError> {
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    if remaining.is_zero() {
-        return Err(ReadError::Reply(ApiError::RequestTimeout));
-    }
-    stream
-        .set_read_timeout(Some(remaining))
-        .map_err(|_| ReadError::Closed)?;
+/// Reads what is available, up to `limit` bytes in `buf`.
+fn read_some(stream: &mut UnixStream, buf: &mut Vec<u8>, limit: usize) -> Result<(), ReadError> {
     let mut chunk = [0u8; 4096];
     let want = chunk.len().min(limit.saturating_sub(buf.len())).max(1);
     loop {
@@ -503,13 +622,14 @@ fn read_some(
                 return Ok(());
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A wake-up with nothing to read after all: the deadline decides.
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(ReadError::Reply(ApiError::RequestTimeout))
+                return Ok(())
             }
             Err(_) => return Err(ReadError::Closed),
         }
@@ -546,6 +666,7 @@ fn reason(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
+        503 => "Service Unavailable",
         _ => "Unknown",
     }
 }
@@ -717,9 +838,7 @@ mod tests {
         for (request, expected) in cases {
             let answer = raw(&path, request);
             assert!(answer.starts_with(expected), "{request:?} -> {answer:?}");
-            if !expected.contains("408") {
-                assert!(answer.contains("{\"error\":\""), "{answer}");
-            }
+            assert!(answer.contains("{\"error\":\""), "{answer}");
         }
         let answer = raw(&path, b"PUT /api/v1/vm.info HTTP/1.1\r\n\r\n");
         assert!(answer.contains("\r\nAllow: GET\r\n"), "{answer}");
@@ -727,13 +846,16 @@ mod tests {
         let mut huge = b"GET /api/v1/vmm.ping HTTP/1.1\r\nX-Big: ".to_vec();
         huge.resize(huge.len() + 2 * MAX_HEADER_SIZE, b'a');
         huge.extend_from_slice(b"\r\n\r\n");
-        assert!(raw(&path, &huge).starts_with("HTTP/1.1 431 "));
+        let answer = raw(&path, &huge);
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+        assert!(answer.contains("{\"error\":\""), "{answer}");
         let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
         let answer = raw(
             &path,
             format!("GET /api/v1/vmm.ping HTTP/1.1\r\n{many}\r\n").as_bytes(),
         );
         assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+        assert!(answer.contains("{\"error\":\""), "{answer}");
 
         // Clients that go away mid-request.
         for partial in [
@@ -870,5 +992,68 @@ mod tests {
             (r.status, r.error_message().as_str()),
             (500, "the VMM is shutting down")
         );
+    }
+
+    /// Clients that send half a request and stall hold only their own connections: others are
+    /// answered at once, the stalled ones get a 408 with a JSON body at their deadline, and
+    /// beyond [`MAX_CONNECTIONS`] a new connection is answered 503 at once.
+    #[test]
+    fn a_slow_client_does_not_hold_the_others() {
+        let path = socket_path("slow");
+        let _ = fs::remove_file(&path);
+        let (tx, _rx) = mpsc::channel();
+        let request_timeout = Duration::from_secs(4);
+        let limits = Limits {
+            request_timeout,
+            write_timeout: Duration::from_secs(1),
+        };
+        let thread = start_with_limits(&path, handler(tx), limits, SeccompMode::Enabled).unwrap();
+        let stall = |bytes: &[u8]| {
+            let mut stream = UnixStream::connect(&path).unwrap();
+            stream.write_all(bytes).unwrap();
+            stream
+        };
+        let started = Instant::now();
+        let mut slow = vec![
+            stall(b""),
+            stall(b"GET /api/v1/vm"),
+            stall(b"PUT /api/v1/vm.resize HTTP/1.1\r\nContent-Length: 30\r\n\r\n{"),
+        ];
+        for _ in 0..3 {
+            let asked = Instant::now();
+            ping_ok(&path);
+            assert!(
+                asked.elapsed() < request_timeout / 2,
+                "a ping took {:?} next to stalled clients",
+                asked.elapsed()
+            );
+        }
+        for stream in &mut slow {
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+            assert!(answer.contains("{\"error\":\""), "{answer}");
+        }
+        assert!(started.elapsed() >= request_timeout);
+
+        // As many stalled clients as the server reads at once: one more is refused at once.
+        let held: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| stall(b"GET /")).collect();
+        let asked = Instant::now();
+        let answer = raw(&path, b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(answer.contains("{\"error\":\""), "{answer}");
+        assert!(asked.elapsed() < request_timeout / 2);
+        drop(held);
+        let deadline = Instant::now() + request_timeout;
+        loop {
+            let r = send_request(&path, &ApiRequest::VmmPing).unwrap();
+            if r.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the server never recovered");
+            thread::sleep(Duration::from_millis(20));
+        }
+        send_request(&path, &ApiRequest::VmmShutdown).unwrap();
+        thread.join().unwrap();
     }
 }

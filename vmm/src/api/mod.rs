@@ -160,6 +160,12 @@ pub enum ApiError {
     /// 501: something this VMM does not implement.
     #[error("{0} is not supported")]
     Unsupported(String),
+    /// 503: too many connections are sending their requests at the same time.
+    #[error("too many API connections at once (at most {limit}); try again")]
+    TooManyConnections {
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// What a request handler returns: `Some(body)` answers 200 with the JSON body, `None` 204.
@@ -199,6 +205,7 @@ impl ApiError {
             ApiError::HeadersTooLarge => 431,
             ApiError::Internal { .. } => 500,
             ApiError::Unsupported(_) => 501,
+            ApiError::TooManyConnections { .. } => 503,
         }
     }
 

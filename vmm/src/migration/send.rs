@@ -26,6 +26,9 @@ use crate::config::{SendMigrationData, TimeoutStrategy};
 use crate::memory::GuestMemoryMmap;
 use crate::vm::{Vm, VmState};
 
+/// How long telling the destination to abandon may block: the connection may be what failed,
+/// and a peer that stopped reading must not cost another I/O timeout.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pre-copy rounds after round 0 before the VM is paused whatever the estimate says.
 const MAX_DIRTY_ROUNDS: u32 = 30;
 /// Bandwidth assumed before the first round has measured one (bytes per second).
@@ -66,7 +69,7 @@ pub fn send_migration_with(
     }
     let tls = stripes::load_client(data.tls_dir.as_deref())?;
     let stream = stripes::connect(&url, tls.as_ref())?;
-    let mut stream = CountingStream::new(stream);
+    let mut stream = CountingStream::new(stream).with_stall_limit(stripes::IO_TIMEOUT);
     stream.set_watch(progress.watch());
     match std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() {
         Ok(fd) => progress.set_connection(fd),
@@ -483,6 +486,9 @@ impl Sender<'_, '_> {
 
     /// Undoes what a failed migration changed here: the guest runs on, with its memory intact.
     fn abort(&mut self) {
+        if let Err(e) = self.stream.get_ref().configure(Some(ABANDON_TIMEOUT)) {
+            log::debug!("cannot shorten the timeout for abandoning: {e}");
+        }
         if let Err(e) = protocol::write_request(&mut self.stream, Command::Abandon, &[]) {
             log::debug!("could not tell the destination to abandon: {e}");
         }
