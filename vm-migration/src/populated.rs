@@ -171,7 +171,8 @@ fn seek(fd: BorrowedFd<'_>, pos: u64, whence: libc::c_int) -> Result<Option<u64>
         offset: pos,
         source,
     };
-    let off = libc::off_t::try_from(pos).map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+    let off = libc::off_t::try_from(pos)
+        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
     // SAFETY: lseek on a descriptor we borrow; it reads no memory of ours.
     let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
     if r < 0 {
@@ -349,7 +350,11 @@ impl PopulatedMemory {
 
     /// Backed pages in all.
     pub fn pages(&self) -> u64 {
-        self.regions.iter().flatten().map(|r| r.length / PAGE_SIZE).sum()
+        self.regions
+            .iter()
+            .flatten()
+            .map(|r| r.length / PAGE_SIZE)
+            .sum()
     }
 }
 

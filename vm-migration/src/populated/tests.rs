@@ -89,7 +89,11 @@ fn anonymous_holes_and_written_pages() {
     let a = Anon::new(64 << 20);
     let m = a.mapping(0, 64 << 20);
     let (runs, method) = populated_runs(&m).unwrap();
-    assert_eq!(method, DiscoveryMethod::PagemapScan, "this host's kernel is 6.7+");
+    assert_eq!(
+        method,
+        DiscoveryMethod::PagemapScan,
+        "this host's kernel is 6.7+"
+    );
     assert!(runs.is_empty(), "{runs:?}");
     for page in [3, 4, 100, 16383] {
         a.write(page * P + 17, 1);
@@ -97,7 +101,10 @@ fn anonymous_holes_and_written_pages() {
     let expected = vec![(3 * P, 2 * P), (100 * P, P), (16383 * P, P)];
     assert_eq!(populated_runs(&m).unwrap().0, expected);
     // The fallback reads the same from the pagemap entries.
-    assert_eq!(pagemap_read_runs(&pagemap(), m.addr, m.len).unwrap(), expected);
+    assert_eq!(
+        pagemap_read_runs(&pagemap(), m.addr, m.len).unwrap(),
+        expected
+    );
     // A window of the mapping: offsets are from the window's start.
     let w = a.mapping(4 * P, 100 * P);
     assert_eq!(populated_runs(&w).unwrap().0, vec![(0, P), (96 * P, P)]);
@@ -135,7 +142,10 @@ fn a_huge_page_counts_whole_and_a_partly_released_one_by_its_pages() {
     assert_eq!(runs.len(), 1, "{runs:?}");
     let (start, len) = runs[0];
     assert!(start >= HUGE && start + len <= 2 * HUGE, "{runs:?}");
-    assert!(start <= HUGE + 5 * P && start + len > HUGE + 5 * P, "{runs:?}");
+    assert!(
+        start <= HUGE + 5 * P && start + len > HUGE + 5 * P,
+        "{runs:?}"
+    );
     // Releasing 4 KiB of it splits the huge page: the rest stays backed, that page does not.
     a.write(base + 2 * HUGE, 1);
     a.advise(base + 2 * HUGE + 7 * P, P, libc::MADV_DONTNEED);
@@ -191,7 +201,10 @@ fn memfd_holes_written_pages_and_punched_holes() {
     };
     assert_eq!(
         populated_runs(&m).unwrap(),
-        (vec![(0, P), (10 * P, P), (12 * P, P)], DiscoveryMethod::SeekData)
+        (
+            vec![(0, P), (10 * P, P), (12 * P, P)],
+            DiscoveryMethod::SeekData
+        )
     );
 }
 
@@ -230,7 +243,8 @@ fn unbacked_pages_leave_round_zero_and_a_later_write_is_in_the_next_sync() {
     for shared in [false, true] {
         let (mem, ram) = guest_memory(shared);
         mem.write_obj(0x1111u64, GuestAddress(3 * P)).unwrap();
-        mem.write_obj(0x2222u64, GuestAddress((4 << 30) + 200 * P)).unwrap();
+        mem.write_obj(0x2222u64, GuestAddress((4 << 30) + 200 * P))
+            .unwrap();
         for region in mem.iter() {
             region.get_mmap().bitmap().get_and_reset();
         }
@@ -254,7 +268,9 @@ fn unbacked_pages_leave_round_zero_and_a_later_write_is_in_the_next_sync() {
         let mut round1 = DirtyRound::new(&ram);
         take_vmm_writes(&mem, &mut round1);
         let t = round1.into_table().unwrap();
-        assert!(t.iter().any(|r| r.gpa <= 77 * P && 77 * P < r.gpa + r.length));
+        assert!(t
+            .iter()
+            .any(|r| r.gpa <= 77 * P && 77 * P < r.gpa + r.length));
     }
 }
 

@@ -3,7 +3,8 @@
 //! Order matters for guest data (see `free-page-hinting.md`, section 3): dirty logging starts
 //! first, only then are hints requested, and hints only ever shrink round 0 (all of RAM),
 //! computed before the request. Every later round is a dirty-log sync, which includes any
-//! hinted page the guest wrote after hinting it.
+//! hinted page the guest wrote after hinting it. Pages the host never backed leave round 0 by
+//! the same rule (README, "Never-backed memory").
 
 use std::time::{Duration, Instant};
 
@@ -188,6 +189,8 @@ impl Sender<'_, '_> {
         };
         self.report.phases.hints_ms = self.report.hints.wait_ms;
         let phase = Instant::now();
+        // ... and leave out what the host never backed (it is zero; a later write is logged).
+        super::populated::leave_out_unpopulated(memory, &mut round0, &mut self.report);
         let round0 = round0.finish().map_err(MigrationError::Round)?;
         let mut zero = data.zero_pages.then(|| ZeroPageFilter::new(&ram));
         // 3. Round 0.
