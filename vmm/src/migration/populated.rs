@@ -1,5 +1,6 @@
 //! Round 0 leaves out the guest pages the host never backed (see
-//! `vm_migration::populated`); this puts what that did into the migration report.
+//! `vm_migration::populated`) unless `zero_pages=off` asks for every page; this puts what
+//! that did into the migration report.
 
 use std::time::Instant;
 
@@ -7,6 +8,10 @@ use vm_migration::report::duration_ms;
 use vm_migration::{HintRound, MigrationReport};
 
 use crate::memory::GuestMemoryMmap;
+
+/// The report's `unpopulated_reason` with `zero_pages=off`, which sends every page of RAM as
+/// Cloud Hypervisor does (never-backed pages are zero pages).
+pub const SENT_WITH_ZERO_PAGES: &str = "zero_pages=off sends them as zero pages";
 
 /// Leaves the never-backed pages of `memory` out of `round0` and records the count, the time
 /// and (when the lookup failed, so round 0 keeps them) why in `report`.

@@ -190,7 +190,11 @@ impl Sender<'_, '_> {
         self.report.phases.hints_ms = self.report.hints.wait_ms;
         let phase = Instant::now();
         // ... and leave out what the host never backed (it is zero; a later write is logged).
-        super::populated::leave_out_unpopulated(memory, &mut round0, &mut self.report);
+        if data.zero_pages {
+            super::populated::leave_out_unpopulated(memory, &mut round0, &mut self.report);
+        } else {
+            self.report.unpopulated_reason = Some(super::populated::SENT_WITH_ZERO_PAGES.into());
+        }
         let round0 = round0.finish().map_err(MigrationError::Round)?;
         let mut zero = data.zero_pages.then(|| ZeroPageFilter::new(&ram));
         // 3. Round 0.
@@ -309,6 +313,7 @@ impl Sender<'_, '_> {
                     .filter(memory, &table)
                     .map_err(MigrationError::ZeroScan)?;
                 self.report.zero_pages_skipped += split.zero_pages;
+                self.report.zero_scan_unchecked_pages += split.unchecked_pages;
                 split.to_send
             }
             None => table,
