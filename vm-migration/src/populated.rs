@@ -25,7 +25,7 @@
 //! it; the zero page scan then leaves its zero parts out.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt as _;
 
 use thiserror::Error;
@@ -330,12 +330,10 @@ impl PopulatedMemory {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
                 .map_err(|_| PopulatedError::NoHostAddress { gpa })?;
-            let file = region.file_offset();
-            let fd = file.map(|f| f.file().as_fd_borrowed());
             let mapping = Mapping {
                 addr: host as u64,
                 len: region.len(),
-                file: fd.zip(file.map(|f| f.start())),
+                file: region.file_offset().map(|f| (f.file().as_fd(), f.start())),
             };
             let (runs, method) = populated_runs(&mapping)?;
             out.method.get_or_insert(method);
@@ -355,17 +353,6 @@ impl PopulatedMemory {
             .flatten()
             .map(|r| r.length / PAGE_SIZE)
             .sum()
-    }
-}
-
-/// Borrowing a descriptor from a `File` inside vm-memory's `FileOffset`.
-trait AsFdBorrowed {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
-}
-
-impl AsFdBorrowed for File {
-    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(self)
     }
 }
 
