@@ -15,7 +15,7 @@
 # Usage: scripts/bench-migration.sh [options]
 #   --sizes 1,2,4,8        guest RAM sizes in GiB (default 1,2,4,8; --size is an alias; a row is
 #                          skipped, with a message, when MemAvailable < what the source holds +
-#                          what it sends + 2 GiB: all of RAM for mode full, the live data with
+#                          what it sends + 1 GiB: all of RAM for mode full, the live data with
 #                          hints, the workload's memory otherwise)
 #   --size-sweep [LIST]    time against RAM size: sizes LIST (default 8,64,256), cases idle,ended,
 #                          unix, modes zero,hints,noballoon, 1 run, and the sizes chart and table
@@ -179,14 +179,14 @@ dirty_mib() {
 }
 # MiB of host memory a row needs: the source holds what the guest wrote, the destination what
 # is sent (all of RAM in mode full; with hints only the live data; otherwise what the source
-# holds, since never-backed memory is not sent), plus 2 GiB
+# holds, since never-backed memory is not sent), plus 1 GiB
 need_mib() {
     local gib=$1 case=$2 mode=$3 live=256 src dst
     [[ $case == hot ]] && live=$((live + 64))
     src=$live
     [[ $case == idle ]] || src=$((live + $(dirty_mib "$gib")))
     case $mode in full) dst=$((gib * 1024)) ;; hints|ranges) dst=$live ;; *) dst=$src ;; esac
-    echo $((src + dst + 2048))
+    echo $((src + dst + 1024))
 }
 
 # last `guest: verify ok seq=N` in a serial log (0 if none)
