@@ -111,7 +111,8 @@ pub struct ZeroSplit {
     pub to_send: MemoryRangeTable,
     /// Zero pages left out.
     pub zero_pages: u64,
-    /// Pages sent without being checked, because the scan did not pay where it last looked.
+    /// Pages sent without being checked, because the scan did not pay where it last looked
+    /// (pages sent before, which are sent again anyway, included).
     pub unchecked_pages: u64,
 }
 
@@ -143,6 +144,22 @@ impl ScanPacer {
     /// Whether the next page should be checked.
     pub fn check_next(&self) -> bool {
         self.skip_chunks == 0
+    }
+
+    /// Pages that may be sent unchecked from here, in one go (0 when the next page should be
+    /// checked).
+    pub fn unchecked_run(&self) -> u64 {
+        if self.skip_chunks == 0 {
+            0
+        } else {
+            CHUNK_PAGES - self.seen
+        }
+    }
+
+    /// Records `pages` pages sent unchecked (at most [`Self::unchecked_run`]).
+    pub fn skip(&mut self, pages: u64) {
+        self.seen += pages - 1;
+        self.record(false, false);
     }
 
     /// Records one page: `checked` if it was looked at, `zero` if it was found zero.
@@ -196,6 +213,21 @@ fn scan<M: GuestMemoryBackend + ?Sized>(
             })?;
             let mut off = 0;
             while off < slice.len() {
+                // Where the scan does not pay, the rest of the chunk goes out as one run.
+                let run = pacer
+                    .unchecked_run()
+                    .min(((slice.len() - off) / PAGE_BYTES) as u64);
+                if run > 0 {
+                    let bytes = run * PAGE_SIZE;
+                    out.to_send
+                        .push(MemoryRange::new(page_gpa, bytes))
+                        .map_err(ZeroPageError::Table)?;
+                    pacer.skip(run);
+                    out.unchecked_pages += run;
+                    off += bytes as usize;
+                    page_gpa += bytes;
+                    continue;
+                }
                 let n = (slice.len() - off).min(PAGE_BYTES);
                 let page = slice
                     .subslice(off, n)
@@ -203,14 +235,10 @@ fn scan<M: GuestMemoryBackend + ?Sized>(
                         gpa: page_gpa,
                         source,
                     })?;
-                // Pages sent before are sent again unchecked, and are not counted by the pacer.
-                let resend = must_send(page_gpa);
-                let check = !resend && pacer.check_next();
+                // Pages sent before are sent again unchecked (counted by the pacer as seen).
+                let check = !must_send(page_gpa);
                 let zero = check && is_zero_volatile(&page);
-                if !resend {
-                    pacer.record(check, zero);
-                    out.unchecked_pages += u64::from(!check);
-                }
+                pacer.record(check, zero);
                 if zero {
                     out.zero_pages += 1;
                 } else {
