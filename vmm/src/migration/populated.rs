@@ -7,19 +7,25 @@ use std::time::Instant;
 use vm_migration::report::duration_ms;
 use vm_migration::{HintRound, MigrationReport};
 
+use crate::config::SendMigrationData;
 use crate::memory::GuestMemoryMmap;
 
 /// The report's `unpopulated_reason` with `zero_pages=off`, which sends every page of RAM as
 /// Cloud Hypervisor does (never-backed pages are zero pages).
 pub const SENT_WITH_ZERO_PAGES: &str = "zero_pages=off sends them as zero pages";
 
-/// Leaves the never-backed pages of `memory` out of `round0` and records the count, the time
-/// and (when the lookup failed, so round 0 keeps them) why in `report`.
+/// Leaves the never-backed pages of `memory` out of `round0` (unless `zero_pages=off`) and
+/// records the count, the time and (when round 0 keeps them) why in `report`.
 pub fn leave_out_unpopulated(
     memory: &GuestMemoryMmap,
     round0: &mut HintRound,
+    data: &SendMigrationData,
     report: &mut MigrationReport,
 ) {
+    if !data.zero_pages {
+        report.unpopulated_reason = Some(SENT_WITH_ZERO_PAGES.into());
+        return;
+    }
     let started = Instant::now();
     match round0.leave_out_unpopulated(memory) {
         Ok(stats) => {

@@ -190,11 +190,7 @@ impl Sender<'_, '_> {
         self.report.phases.hints_ms = self.report.hints.wait_ms;
         let phase = Instant::now();
         // ... and leave out what the host never backed (it is zero; a later write is logged).
-        if data.zero_pages {
-            super::populated::leave_out_unpopulated(memory, &mut round0, &mut self.report);
-        } else {
-            self.report.unpopulated_reason = Some(super::populated::SENT_WITH_ZERO_PAGES.into());
-        }
+        super::populated::leave_out_unpopulated(memory, &mut round0, data, &mut self.report);
         let round0 = round0.finish().map_err(MigrationError::Round)?;
         let mut zero = data.zero_pages.then(|| ZeroPageFilter::new(&ram));
         // 3. Round 0.
