@@ -276,6 +276,7 @@ def sizes(out, paths):
                     label="%s %s %s" % (s[1], s[3], s[2]))
     for ax, label in ((axes[0], "total ms"), (axes[1], "sent MiB")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("guest RAM (GiB)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
