@@ -9,6 +9,8 @@
 //! - Hints are accepted only after [`HintRound::request`] has fixed the command id, only for
 //!   that id, and only until [`HintRound::stop`]. Everything else is ignored and counted.
 //! - Each hint is validated against guest RAM; a bad one is rejected and counted, never trusted.
+//! - [`HintRound::leave_out_unpopulated`] removes the pages the host never backed, by the same
+//!   rule (they are zero; one written later is in a later sync).
 //! - [`HintRound::finish`] consumes the round and yields round 0's [`MemoryRangeTable`].
 //! - Later rounds are built by [`DirtyRound`] from dirty-log syncs; it has no way to take hints.
 //!   A page hinted and then written by the guest is in the next sync, so it is sent then.
