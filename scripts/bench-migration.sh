@@ -13,25 +13,34 @@
 # bandwidth of the same transport for that row's bytes (vm-migration's raw_bandwidth example).
 #
 # Usage: scripts/bench-migration.sh [options]
-#   --sizes 1,2,4,8        guest RAM sizes in GiB (default 1,2,4,8; a size is skipped, with a
-#                          message, when MemAvailable < 2 x RAM + 2 GiB)
+#   --sizes 1,2,4,8        guest RAM sizes in GiB (default 1,2,4,8; --size is an alias; a row is
+#                          skipped, with a message, when MemAvailable < what the source holds +
+#                          what it sends + 1 GiB: all of RAM for mode full, the live data with
+#                          hints, the workload's memory otherwise)
+#   --size-sweep [LIST]    time against RAM size: sizes LIST (default 8,64,256), cases idle,ended,
+#                          unix, modes zero,hints,noballoon, 1 run, and the sizes chart and table
+#                          (bench_report.py sizes); other options given after it still apply
 #   --cases idle,ended,hot workloads (default all three):
 #                            idle:  used=256                              migrated right after ready
 #                            ended: used=256 dirty=<RAM-768MiB>           most of RAM written, then freed
 #                            hot:   used=256 dirty=<RAM-768MiB> hot=64    plus 64 MiB rewritten throughout
+#                          dirty is capped at BENCH_DIRTY_MAX_MIB (default 7424, what an 8 GiB guest
+#                          writes), so larger guests run the same workload in more RAM
 #   --transports unix,tcp  (default both)      --transport is an alias
 #   --modes full,zero,hints  (default all three)
 #                            full:  zero_pages=off,free_page_hints=off   all of RAM (Cloud Hypervisor today)
 #                            zero:  free_page_hints=off                  zero-page skipping only (QEMU without hints)
 #                            hints: defaults                             free page hints + zero-page skipping
 #                            ranges: as hints, with the guest on hint=ranges (whatever --hint says)
+#                            noballoon: defaults, the source without a balloon device at all
 #   --hint stock|ranges    the guest balloon driver's answer to a hint request (default stock);
 #                          with ranges, the hints rows are labelled mode "ranges"
 #   --runs N               repetitions of every row (default 3; tables show medians)
 #   --quick                1 GiB, unix, ended only, 1 run
 #   --out FILE             JSON file of the rows (default ./bench-migration.json; replaced unless --append)
 #   --append               add the rows to --out instead of replacing it
-#   --png FILE             chart via bench_report.py chart (default ./bench-migration.png)
+#   --png FILE             chart via bench_report.py chart (default ./bench-migration.png); with
+#                          more than one size also FILE-sizes.png (total time against RAM size)
 #   --no-chart             no chart
 #   --guest ELF            test guest ELF (default: built by scripts/build-test-guest.sh)
 #   --cpus N               guest vCPUs (default 1; with 2 the hot loop runs on the second one)
@@ -48,7 +57,7 @@
 #   {"vmm":"ours","case":..,"mem_gib":..,"transport":..,"mode":..,"run":..,"total_ms":..,
 #    "downtime_ms":..,"bytes_sent":..,"wire_bytes":..,"zero_pages_skipped":..,"hint_wait_ms":..,
 #    "pages_hinted":..,"pages_skipped":..,"rounds":..,"dest_rss_bytes":..,"raw_bw_bytes_per_s":..,
-#    "integrity":"ok"|"FAILED"|"unknown", ...}
+#    "integrity":"ok"|"FAILED"|"unknown", "pages_unpopulated":.., "phases":{..}, ...}
 # The first fields come from send-migration's report; dest_rss_bytes is Rss from
 # /proc/<dest pid>/smaps_rollup (the whole VMM process) right after send-migration returned;
 # raw_bw_bytes_per_s is `raw_bandwidth <transport> <max(bytes_sent, 64 MiB)> fresh4k`, run once
@@ -64,13 +73,16 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 sizes=1,2,4,8 cases=idle,ended,hot transports=unix,tcp modes=full,zero,hints runs=3
 out=bench-migration.json png=bench-migration.png chart=1 append=0 guest="" cpus=1 hint=stock
-build=1 keep=0 table=1
+build=1 keep=0 table=1 sweep=0
 
 die() { echo "bench-migration: $*" >&2; exit 1; }
 say() { echo "bench-migration: $*" >&2; }
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --sizes) sizes=${2:?}; shift ;;
+        --sizes|--size) sizes=${2:?}; shift ;;
+        --size-sweep)
+            sweep=1 sizes=8,64,256 cases=idle,ended transports=unix modes=zero,hints,noballoon runs=1
+            if [[ ${2:-} =~ ^[0-9,]+$ ]]; then sizes=$2; shift; fi ;;
         --cases) cases=${2:?}; shift ;;
         --transports|--transport) transports=${2:?}; shift ;;
         --modes) modes=${2:?}; shift ;;
@@ -104,7 +116,7 @@ IFS=, read -ra mode_list <<<"$modes"
 for s in "${size_list[@]}"; do [[ $s =~ ^[1-9][0-9]*$ ]] || die "bad size '$s' (GiB, e.g. --sizes 1,2,4)"; done
 for c in "${case_list[@]}"; do [[ $c =~ ^(idle|ended|hot)$ ]] || die "bad case '$c' (idle, ended, hot)"; done
 for t in "${transport_list[@]}"; do [[ $t =~ ^(unix|tcp)$ ]] || die "bad transport '$t' (unix, tcp)"; done
-for m in "${mode_list[@]}"; do [[ $m =~ ^(full|zero|hints|ranges)$ ]] || die "bad mode '$m' (full, zero, hints, ranges)"; done
+for m in "${mode_list[@]}"; do [[ $m =~ ^(full|zero|hints|ranges|noballoon)$ ]] || die "bad mode '$m' (full, zero, hints, ranges, noballoon)"; done
 [[ -r /dev/kvm && -w /dev/kvm ]] || die "/dev/kvm is not usable"
 command -v python3 >/dev/null || die "python3 is needed"
 case $out in /*) ;; *) out="$PWD/$out" ;; esac
@@ -163,6 +175,24 @@ tcp_listening() {
     awk -v p=":$hex" '$2 ~ p"$" && $4 == "0A" { f = 1 } END { exit !f }' /proc/net/tcp 2>/dev/null
 }
 avail_mib() { awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo; }
+# dirty MiB of the ended and hot cases at GIB GiB of RAM
+dirty_mib() {
+    local d=$(($1 * 1024 - 768)) cap=${BENCH_DIRTY_MAX_MIB:-7424}
+    ((d > cap)) && d=$cap
+    ((d < 0)) && d=0
+    echo "$d"
+}
+# MiB of host memory a row needs: the source holds what the guest wrote, the destination what
+# is sent (all of RAM in mode full; with hints only the live data; otherwise what the source
+# holds, since never-backed memory is not sent), plus 1 GiB
+need_mib() {
+    local gib=$1 case=$2 mode=$3 live=256 src dst
+    [[ $case == hot ]] && live=$((live + 64))
+    src=$live
+    [[ $case == idle ]] || src=$((live + $(dirty_mib "$gib")))
+    case $mode in full) dst=$((gib * 1024)) ;; hints|ranges) dst=$live ;; *) dst=$src ;; esac
+    echo $((src + dst + 1024))
+}
 
 # last `guest: verify ok seq=N` in a serial log (0 if none)
 last_seq() { awk 'match($0, /guest: verify ok seq=[0-9]+/) { n = substr($0, RSTART + 21, RLENGTH - 21) + 0; if (n > m) m = n } END { print m + 0 }' "$1" 2>/dev/null || echo 0; }
@@ -195,7 +225,8 @@ wait_exit() {
 # run_one SIZE CASE TRANSPORT MODE RUN: one migration; adds one row to $out
 run_one() {
     local gib=$1 case=$2 transport=$3 mode=$4 run=$5
-    local mib=$((gib * 1024)) dirty=$((gib * 1024 - 768)) hot=0 ghint=$hint label=$4
+    local mib=$((gib * 1024)) dirty hot=0 ghint=$hint label=$4 balloon=(--balloon size=0,free_page_hinting=on)
+    dirty=$(dirty_mib "$gib")
     local d="$work/${case}-${gib}g-${transport}-${mode}-r${run}"
     mkdir -p "$d"
     if ((dirty < 0)); then dirty=0; fi
@@ -210,11 +241,13 @@ run_one() {
         zero) opts=",free_page_hints=off" ;;
         hints) if [[ $hint == ranges ]]; then label=ranges; fi ;;
         ranges) ghint=ranges ;;
+        noballoon) balloon=() ;;
     esac
     cmdline+=" hint=$ghint${BENCH_GUEST_EXTRA:+ $BENCH_GUEST_EXTRA}"
     local meta=("$d" "$gib" "$case" "$transport" "$label" "$run" "$cmdline" "$ghint" "$hot")
 
-    local need_mib=$((2 * mib + 2048)) avail
+    local need_mib avail
+    need_mib=$(need_mib "$gib" "$case" "$mode")
     avail=$(avail_mib)
     if ((avail < need_mib)); then
         say "skipped $case ${gib}G $transport $label run $run: needs ~${need_mib} MiB, ${avail} MiB available"
@@ -223,7 +256,7 @@ run_one() {
 
     # the source
     "$ch" --api-socket "$d/src.sock" --kernel "$guest_elf" --memory "size=${gib}G" --cpus "boot=$cpus" \
-        --cmdline "$cmdline" --balloon size=0,free_page_hinting=on --serial "file=$d/serial.log" \
+        --cmdline "$cmdline" "${balloon[@]}" --serial "file=$d/serial.log" \
         </dev/null >"$d/src.out" 2>&1 &
     src_pid=$!
     local ready_s=$((60 + 20 * gib)) i
@@ -366,7 +399,8 @@ row = {
     "integrity": integ,
     "status": st.get("status"), "memory_bytes": st.get("memory_bytes"), "pages_sent": st.get("pages_sent"),
     "hints_used": hints.get("used"), "hints_mode": hints.get("mode"), "hint_cmd_id": hints.get("cmd_id"),
-    "hints_rejected": hints.get("rejected"),
+    "hints_rejected": hints.get("rejected"), "hints_reason": hints.get("reason"),
+    "pages_unpopulated": st.get("pages_unpopulated"), "phases": st.get("phases"),
     "used_mib": 256, "hot_mib": int(hot),
     "dest_guest_rss_bytes": num(grss), "dest_rss_after_verify_bytes": num(rss2),
     "seq_before": int(seq_before), "src_last_seq": int(src_seq), "dst_seq": int(dst_seq),
@@ -406,11 +440,6 @@ PY
 if [[ $append == 0 ]]; then rm -f "$out"; fi
 say "guest $guest, VMM $commit$([[ $tree_modified == true ]] && echo ' (tree modified)'), rows -> $out"
 for gib in "${size_list[@]}"; do
-    need=$((2 * gib * 1024 + 2048)) avail=$(avail_mib)
-    if ((avail < need)); then
-        say "skipping ${gib} GiB: MemAvailable ${avail} MiB < 2 x RAM + 2 GiB = ${need} MiB"
-        continue
-    fi
     for case in "${case_list[@]}"; do
         for transport in "${transport_list[@]}"; do
             # runs outside modes: the modes of one run see the same machine load
@@ -428,6 +457,10 @@ if [[ $table == 1 ]]; then
     python3 "$root/scripts/bench_report.py" table "$out" || true
     echo
     python3 "$root/scripts/bench_report.py" ratios "$out" || true
+    if [[ $sweep == 1 || ${#size_list[@]} -gt 1 ]]; then
+        echo
+        python3 "$root/scripts/bench_report.py" sizes - "$out" || true
+    fi
 fi
 
 # The chart: never fails the benchmark.
@@ -449,4 +482,8 @@ if [[ $chart == 1 && -n $png ]]; then
         fi
     fi
     "$py" "$root/scripts/bench_report.py" chart "$png" "$out" || say "the chart failed (the rows are in $out)"
+    if [[ $sweep == 1 || ${#size_list[@]} -gt 1 ]]; then
+        "$py" "$root/scripts/bench_report.py" sizes "${png%.png}-sizes.png" "$out" ||
+            say "the sizes chart failed (the rows are in $out)"
+    fi
 fi

@@ -4,6 +4,10 @@
   bench_report.py table <json files...>          one table of all rows (median per row key, n shown)
   bench_report.py chart <out.png> <json files...> grouped bars: total ms and sent MiB per
                                                   case / size (/ transport) and vmm / mode
+  bench_report.py sizes <out.png|-> <json files...> time against RAM size: per case / transport /
+                                                  mode, total, downtime, sent MiB and dest RSS at
+                                                  each size, and slowest / fastest size (the
+                                                  target: within 2x); a line chart unless "-"
   bench_report.py ratios <json files...>         our VMM's ratios per case / size / transport
                                                   (full/hints, zero/hints, sent and dest RSS vs
                                                   used memory, total vs raw-bandwidth model,
@@ -26,7 +30,8 @@ import sys
 MIB = 1 << 20
 KEY = ("vmm", "case", "mem_gib", "transport", "mode")
 CASE_ORDER = {"idle": 0, "ended": 1, "hot": 2}
-MODE_ORDER = {"full": 0, "zero": 1, "hints": 2, "ranges": 3, "qemu-nohints": 4, "qemu-hints": 5}
+MODE_ORDER = {"full": 0, "zero": 1, "hints": 2, "ranges": 3, "noballoon": 4, "qemu-nohints": 5,
+              "qemu-hints": 6}
 VMM_ORDER = {"ours": 0, "qemu": 1}
 
 
@@ -226,6 +231,67 @@ def chart(out, paths):
     return 0
 
 
+def sizes(out, paths):
+    """Time against RAM size: one line per (vmm, case, transport, mode) over mem_gib."""
+    rows = [r for r in load_rows(paths) if num(r.get("mem_gib")) is not None]
+    lines = {}
+    for k, rs in group(rows):
+        vmm, case, mem, transport, mode = k
+        lines.setdefault((vmm, case, transport, mode), []).append((num(mem), rs))
+    if not lines:
+        print("bench_report: no rows with mem_gib in %s" % " ".join(paths), file=sys.stderr)
+        return 1
+    order = lambda s: (VMM_ORDER.get(s[0], 9), CASE_ORDER.get(s[1], 9), str(s[2]),
+                       MODE_ORDER.get(s[3], 9), str(s[3]))
+    print("Time against RAM size (median total ms / downtime ms / sent MiB / dest RSS MiB per size)")
+    for s in sorted(lines, key=order):
+        pts = sorted(lines[s], key=lambda p: p[0])
+        cells = []
+        totals = []
+        for gib, rs in pts:
+            t = median(rs, "total_ms")
+            totals.append(t)
+            cells.append("%s GiB: %s / %s / %s / %s" % (
+                fmt(gib), fmt(t), fmt(median(rs, "downtime_ms"), 1),
+                fmt(median(rs, "bytes_sent", MIB)), fmt(median(rs, "dest_rss_bytes", MIB))))
+        ts = [t for t in totals if t]
+        spread = ("slowest/fastest %.2fx" % (max(ts) / min(ts))) if len(ts) > 1 else ""
+        print("  %s %s %s %s: %s  %s" % (s[0], s[1], s[2], s[3], "; ".join(cells), spread))
+    if out == "-":
+        return 0
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print("bench_report: matplotlib is not available (%s); no chart written" % e, file=sys.stderr)
+        return 0
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for s in sorted(lines, key=order):
+        pts = sorted(lines[s], key=lambda p: p[0])
+        xs = [g for g, _ in pts]
+        for ax, field, scale in ((axes[0], "total_ms", 1.0), (axes[1], "bytes_sent", MIB)):
+            ys = [median(rs, field, scale) for _, rs in pts]
+            ax.plot(xs, [y if y is not None else float("nan") for y in ys], marker="o",
+                    label="%s %s %s" % (s[1], s[3], s[2]))
+    for ax, label in ((axes[0], "total ms"), (axes[1], "sent MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("guest RAM (GiB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        xs = sorted({g for pts in lines.values() for g, _ in pts})
+        ax.set_xticks(xs)
+        ax.set_xticklabels([fmt(x) for x in xs])
+    axes[0].legend(fontsize="small")
+    axes[0].set_title("Total migration time against RAM size")
+    axes[1].set_title("Data sent against RAM size")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print("bench_report: wrote %s" % out, file=sys.stderr)
+    return 0
+
+
 # The project's targets (measured by scripts/bench-migration.sh, never asserted in a test).
 TARGET_GIB = 8
 HINTED_MODES = ("hints", "ranges")
@@ -396,6 +462,8 @@ def main(argv):
         return table(argv[1:])
     if len(argv) >= 2 and argv[0] == "ratios":
         return ratios(argv[1:])
+    if len(argv) >= 3 and argv[0] == "sizes":
+        return sizes(argv[1], argv[2:])
     if len(argv) >= 3 and argv[0] == "chart":
         return chart(argv[1], argv[2:])
     print(__doc__.strip(), file=sys.stderr)

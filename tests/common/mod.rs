@@ -285,3 +285,53 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
+
+/// Receives on `dst` over a UNIX socket in its scratch directory (ch-remote in a thread) and
+/// sends from `src` with `options` (`,key=value...` after the URL); returns the send's and
+/// the receive's outputs.
+pub fn migrate_unix(src: &Vmm, dst: &Vmm, options: &str) -> (Output, Output) {
+    let path = dst.scratch.path("mig.sock");
+    let url = format!("unix:{}", path.display());
+    let dst_api = dst.api.clone();
+    let receive_url = url.clone();
+    let receiver =
+        std::thread::spawn(move || ch_remote(&dst_api, &["receive-migration", &receive_url]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sent = src.remote(&["send-migration", &format!("destination_url={url}{options}")]);
+    (sent, receiver.join().expect("receiver thread"))
+}
+
+/// The migration report a successful send-migration printed.
+pub fn migration_report(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "send-migration failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the report is JSON")
+}
+
+/// Resident bytes of a process's mappings of at least `min_size` bytes (guest RAM), from
+/// /proc/<pid>/smaps.
+pub fn resident_in_large_mappings(pid: u32, min_size: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("read smaps");
+    let kib = |l: &str| -> u64 {
+        l.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let (mut total, mut large) = (0, false);
+    for line in smaps.lines() {
+        if line.starts_with("Size:") {
+            large = kib(line) >= min_size;
+        } else if line.starts_with("Rss:") && large {
+            total += kib(line);
+        }
+    }
+    total
+}

@@ -9,6 +9,8 @@
 //! - Hints are accepted only after [`HintRound::request`] has fixed the command id, only for
 //!   that id, and only until [`HintRound::stop`]. Everything else is ignored and counted.
 //! - Each hint is validated against guest RAM; a bad one is rejected and counted, never trusted.
+//! - [`HintRound::leave_out_unpopulated`] removes the pages the host never backed, by the same
+//!   rule (they are zero; one written later is in a later sync).
 //! - [`HintRound::finish`] consumes the round and yields round 0's [`MemoryRangeTable`].
 //! - Later rounds are built by [`DirtyRound`] from dirty-log syncs; it has no way to take hints.
 //!   A page hinted and then written by the guest is in the next sync, so it is sent then.
@@ -29,6 +31,9 @@
 use thiserror::Error;
 
 use crate::bitmap::{pages_for_bytes, BitmapError, DirtyBitmap};
+use vm_memory::GuestMemoryBackend;
+
+use crate::populated::{DiscoveryMethod, PopulatedError, PopulatedMemory};
 use crate::ranges::{MemoryRange, MemoryRangeTable, RamRegions, PAGE_SIZE};
 
 /// Smallest command id that starts a hinting round (0 is STOP, 1 is DONE).
@@ -158,6 +163,17 @@ pub struct HintStats {
     pub rejected: u64,
     /// Hints ignored as stale (wrong id, before the request or after STOP).
     pub ignored: u64,
+}
+
+/// What [`HintRound::leave_out_unpopulated`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnpopulatedStats {
+    /// How the backed pages were found.
+    pub method: Option<DiscoveryMethod>,
+    /// Pages the host backs.
+    pub pages_populated: u64,
+    /// Pages left out of round 0 because the host never backed them (and not hinted).
+    pub pages_left_out: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,6 +355,48 @@ impl HintRound {
             return Err(HintRejection::OutsideRam);
         }
         Ok(())
+    }
+
+    /// Leaves out of round 0 every page the host has never backed (or the balloon released),
+    /// found by [`PopulatedMemory::discover`] now, while dirty logging runs (this round exists,
+    /// so it does): such a page is zero here and on the destination, and a write to it from now
+    /// on is in a later dirty sync. Returns the pages left out that were still in round 0
+    /// (hinted pages are counted as hinted, not here).
+    pub fn leave_out_unpopulated<M: GuestMemoryBackend + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<UnpopulatedStats, PopulatedError> {
+        let populated = PopulatedMemory::discover(mem)?;
+        let mut stats = UnpopulatedStats {
+            method: populated.method,
+            pages_populated: populated.pages(),
+            pages_left_out: 0,
+        };
+        for (index, region) in self.ram.regions().iter().enumerate() {
+            let (Some(bitmap), Some(runs)) =
+                (self.round0.get_mut(index), populated.regions.get(index))
+            else {
+                continue;
+            };
+            // Clear every gap between backed runs.
+            let mut next = 0u64;
+            let pages = bitmap.pages();
+            let gaps = runs
+                .iter()
+                .map(|r| (r.gpa.saturating_sub(region.gpa) / PAGE_SIZE, r.pages()))
+                .chain(std::iter::once((pages, 0)));
+            for (first, count) in gaps {
+                let first = first.min(pages);
+                if first > next {
+                    let gap = first - next;
+                    stats.pages_left_out += bitmap.count_range(next, gap).unwrap_or(0);
+                    // In range by construction (`first` is capped at `pages`).
+                    let _ = bitmap.clear_range(next, gap);
+                }
+                next = next.max(first.saturating_add(count).min(pages));
+            }
+        }
+        Ok(stats)
     }
 
     /// Ends hint collection and returns the pages to send in round 0.

@@ -7,6 +7,8 @@
 //! - [`bitmap`]: [`DirtyBitmap`] in KVM's dirty-log layout, and the [`SetBitRuns`] iterator.
 //! - [`hints`]: free page hints applied to round 0 only, with the data-safety rule enforced by
 //!   the types ([`HintRound`], [`DirtyRound`]).
+//! - [`populated`]: which guest pages the host ever backed, found without reading them; the
+//!   rest is left out of round 0 ([`HintRound::leave_out_unpopulated`]).
 //! - [`transport`]: `unix:`/`tcp:` URLs, connect and accept-one, with timeouts.
 //! - [`striping`]: `connections=<n>`: added connections joining, rounds split across them.
 //! - [`tls`]: TLS 1.3 with mutual authentication over TCP (`tls_dir=`), with rustls.
@@ -48,6 +50,7 @@ pub mod counting;
 pub mod hints;
 pub mod io_errors;
 pub mod memory;
+pub mod populated;
 pub mod protocol;
 pub mod ranges;
 pub mod report;
@@ -60,9 +63,10 @@ pub use bitmap::{BitmapError, DirtyBitmap, SetBitRuns};
 pub use counting::{CountingStream, StreamWatch};
 pub use hints::{
     DirtyLoggingStarted, DirtyRound, HintError, HintIgnored, HintRejection, HintRound, HintStats,
-    HintVerdict, RoundZero,
+    HintVerdict, RoundZero, UnpopulatedStats,
 };
 pub use memory::{receive_memory, receive_ranges, send_memory, send_ranges, MemoryStreamError};
+pub use populated::{DiscoveryMethod, PopulatedError, PopulatedMemory};
 pub use protocol::{Command, ErrorReason, ProtocolError, RequestHeader, Response};
 pub use ranges::{MemoryRange, MemoryRangeTable, RamRegions, RangeError, RegionPages, PAGE_SIZE};
 pub use report::{

@@ -97,6 +97,19 @@ pub struct MigrationReport {
     pub pages_sent: u64,
     /// All-zero pages left out.
     pub zero_pages_skipped: u64,
+    /// Pages sent without a check for zero, because the scan found too few zero pages nearby
+    /// to pay for reading them (see `zero::ScanPacer`).
+    #[serde(default)]
+    pub zero_scan_unchecked_pages: u64,
+    /// Pages left out of round 0 because the host never backed them (or the balloon released
+    /// them) and they were not hinted: found without reading guest memory, with or without
+    /// hints.
+    #[serde(default)]
+    pub pages_unpopulated: u64,
+    /// Why never-backed pages were not left out (`zero_pages=off`, or the lookup failed);
+    /// absent when they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpopulated_reason: Option<String>,
     /// Free page hinting.
     pub hints: HintsReport,
     /// Where the time went.
@@ -126,6 +139,9 @@ pub struct PhaseTimes {
     pub dirty_log_start_ms: f64,
     /// The hint round, from the request to its end (as `hints.wait_ms`).
     pub hints_ms: f64,
+    /// Finding the pages the host never backed (part of `round0_build_ms`).
+    #[serde(default)]
+    pub unpopulated_scan_ms: f64,
     /// Building round 0 and scanning it for zero pages.
     pub round0_build_ms: f64,
     /// Sending round 0 and its acknowledgement.
@@ -183,6 +199,8 @@ mod tests {
             "pages_sent",
             "zero_pages_skipped",
             "hints",
+            "pages_unpopulated",
+            "zero_scan_unchecked_pages",
             // Added to the contract's fields (adding is allowed; removing is not).
             "phases",
         ];
@@ -253,6 +271,12 @@ mod tests {
         // `phases`, which the contract allows ("fields may be added").
         let added = ours.as_object_mut().unwrap().remove("phases");
         assert!(added.is_some_and(|p| p.is_object()));
+        for added in ["pages_unpopulated", "zero_scan_unchecked_pages"] {
+            assert_eq!(
+                ours.as_object_mut().unwrap().remove(added),
+                Some(Value::from(0))
+            );
+        }
         assert_eq!(ours, parsed);
         // A report from an older peer (without `phases`) still parses.
         let old: MigrationReport = serde_json::from_value(parsed).unwrap();

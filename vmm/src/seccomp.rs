@@ -320,8 +320,8 @@ const VCPU_IOCTLS: &[u64] = &[
 ];
 
 /// The ioctls the VMM thread makes: everything the hypervisor crate does, plus `FIONBIO`
-/// (connect with a timeout), `FIONREAD` (the DNS resolver) and `TCGETS` (is a stream a
-/// terminal).
+/// (connect with a timeout), `FIONREAD` (the DNS resolver), `TCGETS` (is a stream a
+/// terminal) and `PAGEMAP_SCAN` (which guest pages are backed, before round 0).
 const VMM_IOCTLS: &[u64] = &[
     KVM_GET_API_VERSION,
     KVM_CREATE_VM,
@@ -372,6 +372,8 @@ const VMM_IOCTLS: &[u64] = &[
     libc::FIONBIO,
     libc::FIONREAD,
     libc::TCGETS,
+    // Finding the guest pages the host never backed (on /proc/self/pagemap).
+    vm_migration::populated::PAGEMAP_SCAN,
 ];
 
 /// What any thread of this process may need: memory allocation (never executable), futexes,
@@ -733,9 +735,15 @@ fn migration_send() -> Allow {
     a
 }
 
-/// `FIONBIO` (connect with a timeout), `FIONREAD` (the DNS resolver) and `TCGETS` (is a stream
-/// a terminal).
-const SOCKET_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIONREAD, libc::TCGETS];
+/// The `migration-send` thread's ioctls: `FIONBIO` (connect with a timeout), `FIONREAD` (the DNS
+/// resolver), `TCGETS` (is a stream a terminal) and `PAGEMAP_SCAN`.
+const SOCKET_IOCTLS: &[u64] = &[
+    libc::FIONBIO,
+    libc::FIONREAD,
+    libc::TCGETS,
+    // Finding the guest pages the host never backed, before round 0 (on /proc/self/pagemap).
+    vm_migration::populated::PAGEMAP_SCAN,
+];
 
 fn allowlist(kind: ThreadKind) -> Allow {
     match kind {

@@ -24,8 +24,12 @@ use core::arch::global_asm;
 pub const MAX_CPUS: usize = 4;
 /// Physical address of the AP trampoline (SIPI vector 0x08).
 pub const TRAMP_BASE: u64 = 0x8000;
-/// Page directories available for the identity map: one per GiB of guest-physical space.
-pub const NR_PDS: usize = 128;
+/// Page directories available for the identity map: one per GiB of guest-physical space, up
+/// to 1 TiB + 64 GiB (1 TiB of RAM ends at 1 TiB + 1 GiB, past the 32-bit hole). Those of GiBs
+/// without RAM or MMIO are never written, so the host never backs them.
+pub const NR_PDS: usize = 1088;
+/// PDPT pages: one per 512 GiB, back to back, so `boot_pdpt[g]` is the entry of GiB `g`.
+pub const NR_PDPTS: usize = NR_PDS.div_ceil(512);
 
 /// Service numbers for `svc_entry`.
 pub mod svc {
@@ -47,7 +51,8 @@ global_asm!(
     .set KSTACK_SIZE, 16384
     .set USTACK_SIZE, 262144
     .set TSS_SLOT, 0x3000
-    .set NR_PDS, 128
+    .set NR_PDS, 1088
+    .set NR_PDPTS, 3
 
     .section .note.Xen, "a", @note
     .balign 4
@@ -365,7 +370,7 @@ fault_flag: .long 0
     .globl boot_pdpt
     .globl boot_pds
 boot_pml4: .skip 4096
-boot_pdpt: .skip 4096
+boot_pdpt: .skip 4096 * NR_PDPTS
 boot_pds: .skip 4096 * NR_PDS
 idt: .skip 4096
 tss_area: .skip TSS_SLOT * MAX_CPUS
@@ -382,8 +387,9 @@ extern "C" {
     pub static tramp_start: u8;
     /// One past the last byte of the AP trampoline.
     pub static tramp_end: u8;
-    /// The PDPT (one entry per GiB); written only through `svc::WRITE64`.
-    pub static mut boot_pdpt: [u64; 512];
+    /// The PDPTs (one entry per GiB: page 0 under PML4[0], page 1 under PML4[1]); live
+    /// entries are written only through `svc::WRITE64`.
+    pub static mut boot_pdpt: [u64; 512 * NR_PDPTS];
     /// Page directories, `boot_pds[g]` maps GiB `g` (index 0 is live from boot).
     pub static mut boot_pds: [[u64; 512]; NR_PDS];
     /// Start of the loaded image (linker script).

@@ -75,7 +75,8 @@ fn bsp_main(start_info: u64) -> ! {
     // memory: carve metadata, then the allocator over the rest
     let max_pfn = bi.ram_end().min(mapped.end) / PAGE_SIZE;
     let ram_pages = bi.ram_bytes() / PAGE_SIZE;
-    let live_cap = (cfg.used_mib * 256 + cfg.fragment_mib * 128).min(ram_pages) as usize;
+    let live_cap =
+        (cfg.used_mib * 256 + cfg.fragment_mib * 128 + cfg.grow_mib * 256).min(ram_pages) as usize;
     let hot_cap = (cfg.hot_mib * 256).min(ram_pages) as usize;
     let hint_cap = (ram_pages >> 10) as usize + 16;
     let need =
@@ -132,7 +133,7 @@ fn bsp_main(start_info: u64) -> ! {
 
     // workload
     let t_work = kernel::rdtsc();
-    let w = workload::setup(
+    let mut w = workload::setup(
         &mut buddy,
         cfg.used_mib,
         cfg.fragment_mib,
@@ -173,12 +174,12 @@ fn bsp_main(start_info: u64) -> ! {
     );
 
     let power_off = cfg.poweroff_after.and_then(|_| find_power_off(&bi));
-    main_loop(&cfg, &w, &mut buddy, &mut dev, power_off)
+    main_loop(&cfg, &mut w, &mut buddy, &mut dev, power_off)
 }
 
 fn main_loop(
     cfg: &Config,
-    w: &workload::Workload,
+    w: &mut workload::Workload,
     buddy: &mut guest_core::buddy::Buddy,
     dev: &mut Option<balloon::Balloon>,
     power_off: Option<guest_core::acpi::PowerOff>,
@@ -188,9 +189,21 @@ fn main_loop(
     let mut seq = 0u64;
     let mut hot_fails_seen = 0u64;
     let cfg_selftest = cfg.selftest;
+    let grow_period = time::us_to_ticks(guest_core::cmdline::GROW_PERIOD_MS * 1000);
+    let mut grow_left = cfg.grow_mib * 256;
+    let mut grow_next = kernel::rdtsc();
     loop {
         if !workload::HOT_ON_AP.load(Ordering::Relaxed) {
             workload::hot_pass();
+        }
+        if grow_left > 0 && kernel::rdtsc() >= grow_next {
+            let want = grow_left.min(guest_core::cmdline::GROW_STEP_PAGES);
+            let added = w.grow(buddy, want);
+            grow_left = if added < want { 0 } else { grow_left - added };
+            grow_next += grow_period;
+            if grow_left == 0 {
+                println!("guest: grow done live_pages={}", w.live.len());
+            }
         }
         if let Some(d) = dev.as_mut() {
             d.poll(buddy);

@@ -1,13 +1,15 @@
-//! The identity map beyond the first GiB, built at CPL3.
+//! The identity map beyond the first GiB, built at CPL3, up to 1 TiB of guest-physical space.
 //!
 //! The boot code maps GiB 0 only (512 PDEs at emulated CPL0 speed). Here, at native speed, the
 //! page directories for every further GiB that holds RAM are filled while they are not yet part
 //! of the live hierarchy (so no write hits a shadowed page table), then linked into the PDPT
-//! with one CPL0 write each. 2 MiB pages, U=1 everywhere. RAM is write-back; everything else
+//! with one CPL0 write each; GiBs 512 and up hang off a second PDPT, linked into PML4[1] once
+//! any of them is. Page directories of GiBs with nothing to map are never written (4 KiB of
+//! page tables per GiB in use). 2 MiB pages, U=1 everywhere. RAM is write-back; everything else
 //! below 4 GiB (the MMIO hole: PCI windows, ECAM, IOAPIC, LAPIC) is uncached (PCD|PWT), as are
 //! extra MMIO windows the caller names (e.g. an ECAM above 4 GiB).
 
-use crate::boot::{boot_pdpt, boot_pds, NR_PDS};
+use crate::boot::{boot_pdpt, boot_pds, NR_PDPTS, NR_PDS};
 use crate::bootinfo::BootInfo;
 use crate::kernel::{flush_tlb, kernel_write64};
 
@@ -59,6 +61,17 @@ pub fn map_all(bi: &BootInfo, mmio: &[(u64, u64)]) -> Mapped {
                     pd_pa | 7,
                 )
             };
+        }
+    }
+    for (i, first) in (0..NR_PDPTS as u64).map(|i| (i, i * 512)).skip(1) {
+        // SAFETY: reading the PDPT entries this function wrote.
+        let used = (first..(first + 512).min(gibs))
+            .any(|g| unsafe { core::ptr::addr_of!(boot_pdpt[g as usize]).read() } != 0);
+        if used {
+            let pdpt_pa = core::ptr::addr_of!(boot_pdpt) as u64 + first * 8;
+            // SAFETY: PML4 entry `i` (unused so far) points to a PDPT whose entries all point to
+            // fully built PDs.
+            unsafe { kernel_write64(crate::boot::boot_pml4_addr() + 8 * i, pdpt_pa | 7) };
         }
     }
     flush_tlb();

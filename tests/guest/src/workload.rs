@@ -140,6 +140,23 @@ pub fn setup(
 }
 
 impl Workload {
+    /// `grow=`: allocates up to `pages` more live pages, writes them and adds them to the live
+    /// set (verified from then on). Returns how many it added (fewer when memory or the live
+    /// list runs out).
+    pub fn grow(&mut self, b: &mut Buddy, pages: u64) -> u64 {
+        let mut added = 0;
+        while added < pages {
+            let Some(pfn) = b.alloc(0) else { break };
+            if !self.live.push(pfn) {
+                let _ = b.free(pfn, 0);
+                break;
+            }
+            pattern::fill(page(pfn), gpa(pfn), LIVE_GEN);
+            added += 1;
+        }
+        added
+    }
+
     /// Pages the workload holds (live + hot).
     pub fn held_pages(&self) -> u64 {
         (self.live.len() + self.hot.len()) as u64

@@ -7,7 +7,7 @@
 //!  Start ───────────────────────────────────────▶  (accept)            ◀── Ok
 //!  Config (VM config, JSON) ────────────────────▶  check it            ◀── Ok
 //!  start dirty logging; ask the guest for hints;
-//!  round 0 = RAM − hinted − never-sent zero pages
+//!  round 0 = RAM − hinted − never backed − never-sent zero pages
 //!  Memory (range table + pages) ────────────────▶  build VM, write     ◀── Ok
 //!  Memory (dirty log sync) … until it fits the downtime
 //!  pause
@@ -23,6 +23,7 @@
 pub mod hints;
 pub mod outgoing;
 pub mod progress;
+pub mod populated;
 pub mod receive;
 pub mod send;
 pub mod stripes;

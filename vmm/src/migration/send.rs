@@ -3,7 +3,8 @@
 //! Order matters for guest data (see `free-page-hinting.md`, section 3): dirty logging starts
 //! first, only then are hints requested, and hints only ever shrink round 0 (all of RAM),
 //! computed before the request. Every later round is a dirty-log sync, which includes any
-//! hinted page the guest wrote after hinting it.
+//! hinted page the guest wrote after hinting it. Pages the host never backed leave round 0 by
+//! the same rule (README, "Never-backed memory").
 
 use std::time::{Duration, Instant};
 
@@ -301,6 +302,8 @@ impl Sender<'_, '_> {
         self.check_cancel()?;
         self.progress.left_out(self.report.hints.pages_skipped);
         let phase = Instant::now();
+        // ... and leave out what the host never backed (it is zero; a later write is logged).
+        super::populated::leave_out_unpopulated(memory, &mut round0, data, &mut self.report);
         let round0 = round0.finish().map_err(MigrationError::Round)?;
         let mut zero = data.zero_pages.then(|| ZeroPageFilter::new(&ram));
         // 3. Round 0.
@@ -444,6 +447,7 @@ impl Sender<'_, '_> {
                     .filter(memory, &table)
                     .map_err(MigrationError::ZeroScan)?;
                 self.report.zero_pages_skipped += split.zero_pages;
+                self.report.zero_scan_unchecked_pages += split.unchecked_pages;
                 split.to_send
             }
             None => table,

@@ -53,6 +53,8 @@ fn ioctl_numbers_match_the_kernel_headers() {
     assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
     assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
     assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+    // _IOWR('f', 16, struct pm_scan_arg) from <linux/fs.h>.
+    assert_eq!(vm_migration::populated::PAGEMAP_SCAN, 0xc060_6610);
 }
 
 #[test]
@@ -87,6 +89,7 @@ fn spawning_threads_inherit_what_they_need() {
     assert!(covers(&vcpu(), &balloon_worker()));
     assert!(covers(&vmm(), &vcpu()));
     assert!(covers(&vmm(), &balloon_worker()));
+    assert!(covers(&migration_send(), &migration_stream()));
     assert!(!covers(&http_server(), &vcpu()));
 }
 
@@ -186,6 +189,38 @@ fn ioctls_and_sockets_are_checked_per_thread() {
     );
     let balloon = under_filter(ThreadKind::BalloonWorker, probe);
     assert_eq!((balloon.0, balloon.2), (libc::EPERM, libc::EPERM));
+}
+
+/// The sender finds the never-backed guest pages on its thread (`migration-send`, or the VMM
+/// thread when it migrates in place), under its filter.
+#[test]
+fn the_sending_threads_can_find_backed_guest_pages() {
+    for kind in [ThreadKind::Vmm, ThreadKind::MigrationSend] {
+        assert_eq!(
+            backed_pages_under(kind),
+            Ok((1, Some(vm_migration::DiscoveryMethod::PagemapScan))),
+            "{kind:?}"
+        );
+    }
+}
+
+fn backed_pages_under(
+    kind: ThreadKind,
+) -> Result<(u64, Option<vm_migration::DiscoveryMethod>), String> {
+    under_filter(kind, || {
+        let mem = crate::memory::create_guest_memory(&crate::config::MemoryConfig {
+            size: 8 << 20,
+            shared: false,
+            prefault: false,
+            thp: false,
+        })
+        .map_err(|e| e.to_string())?;
+        vm_memory::Bytes::write_obj(&*mem, 1u8, vm_memory::GuestAddress(5 << 12))
+            .map_err(|e| e.to_string())?;
+        vm_migration::PopulatedMemory::discover(&*mem)
+            .map(|p| (p.pages(), p.method))
+            .map_err(|e| e.to_string())
+    })
 }
 
 #[test]

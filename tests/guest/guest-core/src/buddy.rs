@@ -711,7 +711,7 @@ mod tests {
     #[test]
     fn metadata_is_about_two_bits_per_page() {
         let gib = 1u32 << 18; // pages per GiB
-        for g in [1u32, 4, 8, 64, 128] {
+        for g in [1u32, 4, 8, 64, 128, 256, 1024] {
             let bytes = Buddy::metadata_bytes(0, g * gib) as u64;
             assert!(bytes <= 68 * 1024 * g as u64, "{g} GiB: {bytes} bytes");
             assert!(bytes >= 64 * 1024 * g as u64, "{g} GiB: {bytes} bytes");

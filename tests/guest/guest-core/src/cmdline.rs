@@ -60,7 +60,16 @@ pub struct Config {
     pub selftest: SelfTest,
     /// `poweroff=<seq>`: power off through ACPI after verification round `seq` (default never).
     pub poweroff_after: Option<u64>,
+    /// `grow=<MiB>`: after `ready`, live data grows by [`GROW_STEP_PAGES`] pages every
+    /// [`GROW_PERIOD_MS`] until this much more is held (default 0): pages first written while a
+    /// migration runs.
+    pub grow_mib: u64,
 }
+
+/// Pages added to live data per `grow=` step (1 MiB).
+pub const GROW_STEP_PAGES: u64 = 256;
+/// Milliseconds between `grow=` steps.
+pub const GROW_PERIOD_MS: u64 = 10;
 
 impl Default for Config {
     fn default() -> Self {
@@ -75,6 +84,7 @@ impl Default for Config {
             verify_ms: 500,
             selftest: SelfTest::None,
             poweroff_after: None,
+            grow_mib: 0,
         }
     }
 }
@@ -126,6 +136,7 @@ impl Config {
                 "dirty" => mib(val).map(|n| c.dirty_mib = n),
                 "hot" => mib(val).map(|n| c.hot_mib = n),
                 "fragment" => mib(val).map(|n| c.fragment_mib = n),
+                "grow" => mib(val).map(|n| c.grow_mib = n),
                 "hint" => match val {
                     "stock" => Some(HintMode::Stock),
                     "none" => Some(HintMode::None),
@@ -180,8 +191,9 @@ mod tests {
     #[test]
     fn all_keys() {
         let c = Config::parse(
-            "used=128 dirty=2048 hot=8 hint=ranges fragment=256 pci_ecam=0xe0000000 cpus=2",
+            "used=128 dirty=2048 hot=8 hint=ranges fragment=256 pci_ecam=0xe0000000 cpus=2 grow=32",
         );
+        assert_eq!(c.grow_mib, 32);
         assert_eq!(c.used_mib, 128);
         assert_eq!(c.dirty_mib, 2048);
         assert_eq!(c.hot_mib, 8);
