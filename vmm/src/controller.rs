@@ -95,6 +95,11 @@ pub struct Vmm {
     last_received: Option<serde_json::Value>,
     /// Once the VM has moved away: when the process ends if nobody reads the final progress.
     linger_until: Option<Instant>,
+    /// The guest ended while a migration was being sent: the exit code, handled once the
+    /// migration has failed because of it.
+    ended_while_sending: Option<i32>,
+    /// What the process exits with when it ends after lingering.
+    linger_exit_code: i32,
 }
 
 /// Runs the VMM until it is told to stop; returns the process exit code.
@@ -114,6 +119,8 @@ pub fn start_vmm(params: VmmParams) -> Result<i32, VmmError> {
         last_sent: None,
         last_received: None,
         linger_until: None,
+        ended_while_sending: None,
+        linger_exit_code: 0,
     };
     if let Some(path) = &params.api_socket {
         let api_tx = tx.clone();
@@ -190,9 +197,10 @@ impl Vmm {
                     match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
                         Ok(event) => event,
                         Err(RecvTimeoutError::Timeout) => {
-                            // The VM moved away and nobody came for the final progress.
+                            // The VM moved away (or ended) and nobody came for the final
+                            // progress.
                             self.teardown();
-                            return 0;
+                            return self.linger_exit_code;
                         }
                         Err(RecvTimeoutError::Disconnected) => break,
                     }
@@ -239,6 +247,13 @@ impl Vmm {
                             1
                         }
                     };
+                    if self.outgoing.is_some() {
+                        // The migration fails on it (it checks the guest before handing it
+                        // over); the VM stops, and the process ends, once it has.
+                        self.abandon_outgoing();
+                        self.ended_while_sending = Some(code);
+                        continue;
+                    }
                     if let Some(vm) = self.vm.as_mut() {
                         vm.shutdown();
                     }

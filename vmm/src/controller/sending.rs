@@ -113,6 +113,17 @@ impl Vmm {
             }
             self.linger_until = Some(Instant::now() + LINGER_AFTER_MIGRATION);
         }
+        if let Some(code) = self.ended_while_sending.take() {
+            // The guest ended during the migration (which failed on it): stop the VM as the
+            // event would have, and end the process once the failure was read.
+            if let Some(vm) = self.vm.as_mut() {
+                vm.shutdown();
+            }
+            if self.exit_with_vm {
+                self.linger_until = Some(Instant::now() + LINGER_AFTER_MIGRATION);
+                self.linger_exit_code = code;
+            }
+        }
         let answer = progress_json(outgoing.migration.progress());
         for waiter in outgoing.cancel_waiters {
             // The client may have hung up; the migration still ended.

@@ -22,12 +22,12 @@
 
 pub mod hints;
 pub mod outgoing;
-pub mod progress;
 pub mod populated;
+pub mod progress;
 pub mod receive;
 pub mod send;
-pub mod stripes;
 pub mod source_vm;
+pub mod stripes;
 
 use thiserror::Error;
 use vm_migration::protocol::ProtocolError;

@@ -102,7 +102,10 @@ pub fn send_migration_with(
                     if progress.is_cancelled() =>
                 {
                     let _ = sender.stream.get_ref().shutdown();
-                    MigrationError::SendCancelled
+                    match sender.vm.guest_end() {
+                        Some(why) => MigrationError::GuestEnded(why),
+                        None => MigrationError::SendCancelled,
+                    }
                 }
                 e => e,
             };
@@ -158,8 +161,9 @@ impl HintSource for CancellableHints<'_, '_> {
 }
 
 impl Sender<'_, '_> {
-    /// Fails once the migration was cancelled.
+    /// Fails once the migration was cancelled, or the guest ended (which cancels it too).
     fn check_cancel(&self) -> Result<(), MigrationError> {
+        self.check_guest()?;
         match self.progress.is_cancelled() {
             true => Err(MigrationError::SendCancelled),
             false => Ok(()),
