@@ -294,12 +294,13 @@ fn progress_moves_forward_while_the_api_answers_and_ends_with_the_report() {
 
 #[test]
 fn a_cancel_in_any_phase_leaves_the_source_running_and_the_destination_ready() {
-    // hint=none: the hint round lasts the 500 ms idle interval; hot=256: dirty rounds never
-    // fit a 1 ms downtime, and the last round after a pause takes a while.
+    // hint=none: the hint round lasts the 500 ms idle interval; hot=768: dirty rounds never
+    // fit a 1 ms downtime, and the last round after a pause (hundreds of MiB of hot pages)
+    // takes long enough to be caught and cancelled.
     let mut src = Vmm::boot(
         "ctl-cancel-src",
         "2G",
-        "used=64 hot=256 hint=none",
+        "used=64 hot=768 hint=none",
         &[BALLOON, HINTING],
     );
     src.wait_line("guest: ready", READY);
