@@ -13,7 +13,10 @@ pub mod vm;
 pub use crate::cpu::{CpuError, CpuIdEntry, Vcpu, VcpuState, VmExit};
 pub use crate::hypervisor::{Capability, Hypervisor, HypervisorError};
 pub use crate::kvm::KvmHypervisor;
-pub use crate::vm::{DataMatch, IoEventAddress, IrqRoute, UserMemoryRegion, Vm, VmError, VmState};
+pub use crate::vm::{
+    DataMatch, DirtyLogKind, DirtyPage, IoEventAddress, IrqRoute, UserMemoryRegion, Vm, VmError,
+    VmState,
+};
 
 /// The legacy FPU/SSE state, as KVM lays it out.
 pub use kvm_bindings::kvm_fpu as FpuState;

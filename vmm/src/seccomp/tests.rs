@@ -53,6 +53,7 @@ fn ioctl_numbers_match_the_kernel_headers() {
     assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
     assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
     assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+    assert_eq!(KVM_RESET_DIRTY_RINGS, 0xaec7);
 }
 
 #[test]
