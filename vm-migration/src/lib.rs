@@ -5,6 +5,7 @@
 //! - [`ranges`]: [`MemoryRangeTable`] and the [`RamRegions`] every peer-supplied range is
 //!   checked against.
 //! - [`bitmap`]: [`DirtyBitmap`] in KVM's dirty-log layout, and the [`SetBitRuns`] iterator.
+//! - [`last_round`]: the last round, merged from a table made before the pause and the final sync.
 //! - [`hints`]: free page hints applied to round 0 only, with the data-safety rule enforced by
 //!   the types ([`HintRound`], [`DirtyRound`]).
 //! - [`transport`]: `unix:`/`tcp:` URLs, connect and accept-one, with timeouts.
@@ -44,6 +45,7 @@
 pub mod bitmap;
 pub mod counting;
 pub mod hints;
+pub mod last_round;
 pub mod memory;
 pub mod protocol;
 pub mod ranges;
@@ -57,9 +59,12 @@ pub use hints::{
     DirtyLoggingStarted, DirtyRound, HintError, HintIgnored, HintRejection, HintRound, HintStats,
     HintVerdict, RoundZero,
 };
+pub use last_round::{DirtySink, LastRound};
 pub use memory::{receive_memory, receive_ranges, send_memory, send_ranges, MemoryStreamError};
 pub use protocol::{Command, ErrorReason, ProtocolError, RequestHeader, Response};
 pub use ranges::{MemoryRange, MemoryRangeTable, RamRegions, RangeError, RegionPages, PAGE_SIZE};
-pub use report::{HintMode, HintsReport, MigrationReport, MigrationStatus, PhaseTimes};
+pub use report::{
+    DowntimeBreakdown, HintMode, HintsReport, MigrationReport, MigrationStatus, PhaseTimes,
+};
 pub use transport::{MigrationListener, MigrationStream, MigrationUrl, TransportError};
 pub use zero::{is_zero_page, split_zero_pages, ZeroPageError, ZeroPageFilter, ZeroSplit};
