@@ -169,6 +169,25 @@ fn hot_pages_written_during_migration_arrive_with_two_vcpus() {
         r["rounds"].as_u64().unwrap() >= 2,
         "a hot guest needs dirty rounds: {r}"
     );
+    // The downtime (pause to the destination's Complete) is the sum of its steps, and the
+    // last round carries what the hot loop wrote after the last live sync.
+    let b = &r["downtime_breakdown"];
+    let steps: f64 = [
+        "pause_ms",
+        "final_sync_ms",
+        "last_round_ms",
+        "state_ms",
+        "complete_ms",
+    ]
+    .iter()
+    .map(|k| b[*k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}")))
+    .sum();
+    let downtime = r["downtime_ms"].as_f64().unwrap();
+    assert!(
+        steps <= downtime + 0.01 && steps >= downtime * 0.95 - 0.5,
+        "steps {steps} ms vs downtime {downtime} ms: {r}"
+    );
+    assert!(b["last_round_pages"].as_u64().unwrap() > 0, "{r}");
     check_moved(src, dst);
 }
 

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use vm_migration::protocol::{self, Command};
 use vm_migration::report::duration_ms;
 use vm_migration::{
-    send_memory, CountingStream, DirtyLoggingStarted, DirtyRound, HintRound, HintsReport,
-    MemoryRange, MemoryRangeTable, MigrationReport, MigrationStream, MigrationUrl, RamRegions,
-    Response, ZeroPageFilter,
+    send_memory, CountingStream, DirtyLoggingStarted, DirtyRound, DirtySink, HintRound,
+    HintsReport, LastRound, MemoryRange, MemoryRangeTable, MigrationReport, MigrationStream,
+    MigrationUrl, RamRegions, Response, ZeroPageFilter,
 };
 
+use super::dirty::DirtyTracker;
 use super::hints::{FreePageHinter, HintWait, HintsUnavailable, MonotonicClock, RoundEnd};
 use super::MigrationError;
 use crate::config::SendMigrationData;
@@ -61,6 +62,7 @@ pub fn send_migration(
         paused: false,
         hints_held: false,
         hinter,
+        dirty: DirtyTracker::default(),
     };
     match sender.run(data, start) {
         Ok(()) => Ok(sender.report),
@@ -88,6 +90,8 @@ struct Sender<'a, 'h> {
     /// The guest's driver may hold hinted blocks until it hears DONE.
     hints_held: bool,
     hinter: Option<&'h dyn FreePageHinter>,
+    /// Reads the dirty log; set up when logging starts.
+    dirty: DirtyTracker,
 }
 
 impl Sender<'_, '_> {
@@ -115,9 +119,12 @@ impl Sender<'_, '_> {
         let snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
         let state = serde_json::to_vec(&snapshot).map_err(|e| MigrationError::Json("state", e))?;
         self.request(Command::State, &state)?;
+        self.report.downtime_breakdown.state_ms = duration_ms(pause_at.elapsed());
+        let complete_at = Instant::now();
         self.request(Command::Complete, &[])?;
         // The destination now owns the guest, and the hinted blocks with it.
         self.hints_held = false;
+        self.report.downtime_breakdown.complete_ms = duration_ms(complete_at.elapsed());
         self.report.downtime_ms += duration_ms(pause_at.elapsed());
         self.report.phases.stopped_ms = self.report.downtime_ms;
         self.report.total_ms = duration_ms(start.elapsed());
@@ -170,6 +177,7 @@ impl Sender<'_, '_> {
         let phase = Instant::now();
         self.vm.start_dirty_log().map_err(MigrationError::Vm)?;
         self.logging = true;
+        self.dirty = DirtyTracker::new(self.vm);
         self.report.phases.dirty_log_start_ms = duration_ms(phase.elapsed());
         // 2. Only then ask for hints, and apply them to round 0 (all of RAM).
         let mut round0 = HintRound::new(&ram, DirtyLoggingStarted::confirm());
@@ -199,7 +207,7 @@ impl Sender<'_, '_> {
         // 4. Dirty rounds until the rest fits the downtime budget, or time is up.
         let deadline = start + Duration::from_secs(data.timeout_s);
         let mut dirty_rounds = 0;
-        let mut pending = loop {
+        let pending = loop {
             let round = self.sync(&ram)?;
             let estimate_ms = round.dirty_pages() as f64 * 4096.0 / self.bandwidth * 1000.0;
             if estimate_ms <= data.downtime_ms as f64
@@ -216,15 +224,20 @@ impl Sender<'_, '_> {
             dirty_rounds += 1;
         };
         self.report.phases.dirty_rounds_ms = duration_ms(phase.elapsed());
-        // 5. Pause; what was written since the last sync joins the last round.
+        // 5. Pause; what was written since the last sync joins the last round (whose table is
+        // made before the pause, so that the paused part costs what was written, not RAM size).
+        let mut last = LastRound::new(&ram, pending.into_table().map_err(MigrationError::Round)?);
         let pause_at = Instant::now();
         self.pause()?;
-        self.add_dirty_log(&mut pending)?;
-        self.send_round(
-            memory,
-            pending.into_table().map_err(MigrationError::Round)?,
-            zero.as_mut(),
-        )?;
+        let step = Instant::now();
+        self.report.downtime_breakdown.pause_ms = duration_ms(pause_at.elapsed());
+        self.add_dirty_log(&mut last)?;
+        let last = last.into_table().map_err(MigrationError::Round)?;
+        self.report.downtime_breakdown.final_sync_ms = duration_ms(step.elapsed());
+        self.report.downtime_breakdown.last_round_pages = last.total_pages();
+        let step = Instant::now();
+        self.send_round(memory, last, zero.as_mut())?;
+        self.report.downtime_breakdown.last_round_ms = duration_ms(step.elapsed());
         // The downtime so far; the state transfer adds to it in `run`.
         self.report.downtime_ms = duration_ms(pause_at.elapsed());
         Ok(())
@@ -277,19 +290,15 @@ impl Sender<'_, '_> {
     }
 
     /// One dirty-log sync of KVM's log and the VMM's own writes.
-    fn sync(&self, ram: &RamRegions) -> Result<DirtyRound, MigrationError> {
+    fn sync(&mut self, ram: &RamRegions) -> Result<DirtyRound, MigrationError> {
         let mut round = DirtyRound::new(ram);
         self.add_dirty_log(&mut round)?;
         Ok(round)
     }
 
     /// Adds what was written since the last sync to `round`.
-    fn add_dirty_log(&self, round: &mut DirtyRound) -> Result<(), MigrationError> {
-        let logs = self.vm.dirty_log().map_err(MigrationError::Vm)?;
-        for (i, words) in logs.iter().enumerate() {
-            round.add_log(i, words).map_err(MigrationError::Round)?;
-        }
-        Ok(())
+    fn add_dirty_log(&mut self, round: &mut dyn DirtySink) -> Result<(), MigrationError> {
+        self.dirty.sync(self.vm, round)
     }
 
     /// Sends one round (less zero pages the destination never received) and waits for the ack.

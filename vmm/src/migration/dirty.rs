@@ -1,0 +1,91 @@
+//! One dirty-log sync: what the guest wrote (KVM's dirty ring or bitmap, whichever the VM has)
+//! and what the VMM wrote itself (the guest memory's [`virtio_devices::WriteBitmap`]), reported
+//! into a round.
+//!
+//! With the ring, a sync costs in proportion to the pages written. With the bitmap log it reads
+//! KVM's bitmap into buffers kept from sync to sync (no fresh allocation per sync), and the
+//! kernel re-arms only the 1 GiB chunks that have dirty pages (hypervisor's `dirty_bitmap.rs`).
+
+use hypervisor::DirtyLogKind;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_migration::DirtySink;
+
+use super::MigrationError;
+use crate::vm::{Vm, VmError};
+
+/// Reads dirty pages since the previous sync; keeps the bitmap buffers between syncs.
+#[derive(Debug, Default)]
+pub struct DirtyTracker {
+    /// KVM bitmap per RAM region (bitmap log only), reused by every sync.
+    buffers: Vec<Vec<u64>>,
+    /// Page numbers per RAM region, reused by every sync.
+    pages: Vec<Vec<u64>>,
+}
+
+impl DirtyTracker {
+    /// A tracker for `vm`'s RAM regions.
+    pub fn new(vm: &Vm) -> Self {
+        let ring = vm.hypervisor_vm().dirty_log_kind() == DirtyLogKind::Ring;
+        let regions = vm.memory().num_regions();
+        let buffers = vm
+            .memory()
+            .iter()
+            .map(|r| {
+                let words = r.len().div_ceil(4096).div_ceil(64);
+                if ring {
+                    Vec::new()
+                } else {
+                    vec![0u64; usize::try_from(words).unwrap_or(0)]
+                }
+            })
+            .collect();
+        DirtyTracker {
+            buffers,
+            pages: vec![Vec::new(); regions],
+        }
+    }
+
+    /// Reports every page written since the last sync (by the guest or the VMM) into `sink`,
+    /// and re-arms dirty tracking for them. RAM region `i` is KVM slot `i`.
+    pub fn sync(&mut self, vm: &Vm, sink: &mut dyn DirtySink) -> Result<(), MigrationError> {
+        let hv = vm.hypervisor_vm();
+        for pages in &mut self.pages {
+            pages.clear();
+        }
+        match hv.dirty_log_kind() {
+            DirtyLogKind::Ring => {
+                let harvested = hv
+                    .harvest_dirty_pages()
+                    .map_err(|e| MigrationError::Vm(VmError::Hypervisor(e)))?;
+                for p in harvested {
+                    // A slot that is not RAM would be a KVM bug; its pages cannot be sent.
+                    if let Some(list) = self.pages.get_mut(p.slot as usize) {
+                        list.push(p.page);
+                    }
+                }
+            }
+            DirtyLogKind::Bitmap => {
+                for (slot, buffer) in self.buffers.iter_mut().enumerate() {
+                    hv.sync_dirty_bitmap(slot as u32, buffer)
+                        .map_err(|e| MigrationError::Vm(VmError::Hypervisor(e)))?;
+                    sink.add_log(slot, buffer).map_err(MigrationError::Round)?;
+                }
+            }
+        }
+        for (index, region) in vm.memory().iter().enumerate() {
+            let Some(list) = self.pages.get_mut(index) else {
+                continue;
+            };
+            region.get_mmap().bitmap().take(|first, mut bits| {
+                while bits != 0 {
+                    list.push(first + u64::from(bits.trailing_zeros()));
+                    bits &= bits - 1;
+                }
+            });
+            if !list.is_empty() {
+                sink.add_pages(index, list).map_err(MigrationError::Round)?;
+            }
+        }
+        Ok(())
+    }
+}
