@@ -188,6 +188,10 @@ fn hot_pages_written_during_migration_arrive_with_two_vcpus() {
         "steps {steps} ms vs downtime {downtime} ms: {r}"
     );
     assert!(b["last_round_pages"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        ["ring", "bitmap"].contains(&b["dirty_log"].as_str().unwrap()),
+        "{r}"
+    );
     check_moved(src, dst);
 }
 

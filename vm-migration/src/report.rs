@@ -124,6 +124,11 @@ pub struct DowntimeBreakdown {
     pub complete_ms: f64,
     /// Pages in the last round (sent or found zero) while the VM was paused.
     pub last_round_pages: u64,
+    /// Where the guest's writes came from: `ring` (KVM's dirty ring: the final sync costs what
+    /// was written) or `bitmap` (KVM's dirty bitmap: one copy of it, about 5 µs per GiB of
+    /// RAM); empty when no dirty log was read (local mode).
+    #[serde(default)]
+    pub dirty_log: String,
 }
 
 /// Milliseconds spent in each phase of a migration, in order (a field added to the contract's

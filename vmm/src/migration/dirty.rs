@@ -45,6 +45,14 @@ impl DirtyTracker {
         }
     }
 
+    /// `ring` or `bitmap`: how KVM reports the guest's writes to this VM.
+    pub fn kind_name(vm: &Vm) -> &'static str {
+        match vm.hypervisor_vm().dirty_log_kind() {
+            DirtyLogKind::Ring => "ring",
+            DirtyLogKind::Bitmap => "bitmap",
+        }
+    }
+
     /// Reports every page written since the last sync (by the guest or the VMM) into `sink`,
     /// and re-arms dirty tracking for them. RAM region `i` is KVM slot `i`.
     pub fn sync(&mut self, vm: &Vm, sink: &mut dyn DirtySink) -> Result<(), MigrationError> {

@@ -178,6 +178,7 @@ impl Sender<'_, '_> {
         self.vm.start_dirty_log().map_err(MigrationError::Vm)?;
         self.logging = true;
         self.dirty = DirtyTracker::new(self.vm);
+        self.report.downtime_breakdown.dirty_log = DirtyTracker::kind_name(self.vm).into();
         self.report.phases.dirty_log_start_ms = duration_ms(phase.elapsed());
         // 2. Only then ask for hints, and apply them to round 0 (all of RAM).
         let mut round0 = HintRound::new(&ram, DirtyLoggingStarted::confirm());
