@@ -104,9 +104,10 @@ impl Hypervisor for KvmHypervisor {
         ));
         if !has_rings {
             // Reading the bitmap then copies it and nothing more; re-arming is done for the
-            // chunks with dirty pages only (dirty_bitmap.rs). Without the capability: classic.
-            vm.enable_manual_dirty_log()
-                .map_err(|e| HypervisorError::CreateVm(std::io::Error::other(e)))?;
+            // chunks with dirty pages only (dirty_bitmap.rs). Without it: classic reads.
+            if let Err(e) = vm.enable_manual_dirty_log() {
+                log::info!("manual dirty log protection refused ({e}); classic dirty log");
+            }
         }
         Ok(vm)
     }
