@@ -210,6 +210,10 @@ pub trait Vm: Send + Sync {
     /// be reused from sync to sync; with manual protection only the parts with dirty pages are
     /// re-armed.
     fn sync_dirty_bitmap(&self, slot: u32, bitmap: &mut [u64]) -> Result<()>;
+    /// As [`Vm::sync_dirty_bitmap`], but with manual protection nothing is re-armed: for the
+    /// last read of a paused guest, after which dirty logging stops (one scan of the bitmap
+    /// and the kernel's re-protection are saved while the guest waits).
+    fn read_dirty_bitmap(&self, slot: u32, bitmap: &mut [u64]) -> Result<()>;
     /// Reads a slot's dirty log: one bit per 4 KiB page, in 64-bit words. Without manual
     /// protection this also clears it. Only with [`DirtyLogKind::Bitmap`].
     fn get_dirty_log(&self, slot: u32, memory_size: u64) -> Result<Vec<u64>>;

@@ -94,6 +94,28 @@ impl KvmVm {
         }
     }
 
+    /// KVM_GET_DIRTY_LOG into `bitmap`; with manual protection, re-arms the chunks with
+    /// dirty pages when `rearm` says so.
+    fn read_bitmap(&self, slot: u32, bitmap: &mut [u64], rearm: bool) -> Result<()> {
+        let pages = self.slot_pages(slot)?;
+        if (bitmap.len() as u64) < pages.div_ceil(64) {
+            return Err(VmError::GetDirtyLog {
+                slot,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        dirty_bitmap::get(&self.fd, slot, bitmap)
+            .map_err(|source| VmError::GetDirtyLog { slot, source })?;
+        if rearm && self.manual_protect.load(Ordering::Acquire) {
+            for (first, n) in dirty_bitmap::dirty_chunks(bitmap, pages) {
+                let words = &bitmap[(first / 64) as usize..];
+                dirty_bitmap::clear(&self.fd, slot, first, n, words)
+                    .map_err(|source| VmError::ClearDirtyLog { slot, source })?;
+            }
+        }
+        Ok(())
+    }
+
     fn slot_pages(&self, slot: u32) -> Result<u64> {
         let slots = self.slots();
         let region = slots.get(&slot).ok_or(VmError::UnknownSlot(slot))?;
@@ -238,23 +260,11 @@ impl Vm for KvmVm {
     }
 
     fn sync_dirty_bitmap(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
-        let pages = self.slot_pages(slot)?;
-        if (bitmap.len() as u64) < pages.div_ceil(64) {
-            return Err(VmError::GetDirtyLog {
-                slot,
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
-            });
-        }
-        dirty_bitmap::get(&self.fd, slot, bitmap)
-            .map_err(|source| VmError::GetDirtyLog { slot, source })?;
-        if self.manual_protect.load(Ordering::Acquire) {
-            for (first, n) in dirty_bitmap::dirty_chunks(bitmap, pages) {
-                let words = &bitmap[(first / 64) as usize..];
-                dirty_bitmap::clear(&self.fd, slot, first, n, words)
-                    .map_err(|source| VmError::ClearDirtyLog { slot, source })?;
-            }
-        }
-        Ok(())
+        self.read_bitmap(slot, bitmap, true)
+    }
+
+    fn read_dirty_bitmap(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+        self.read_bitmap(slot, bitmap, false)
     }
 
     fn dirty_log_kind(&self) -> DirtyLogKind {

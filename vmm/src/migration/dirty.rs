@@ -56,6 +56,22 @@ impl DirtyTracker {
     /// Reports every page written since the last sync (by the guest or the VMM) into `sink`,
     /// and re-arms dirty tracking for them. RAM region `i` is KVM slot `i`.
     pub fn sync(&mut self, vm: &Vm, sink: &mut dyn DirtySink) -> Result<(), MigrationError> {
+        self.collect(vm, sink, true)
+    }
+
+    /// As [`DirtyTracker::sync`], for the last sync of a paused guest: KVM's bitmap is read but
+    /// not re-armed (dirty logging stops after it), which saves a scan and the kernel's
+    /// re-protection while the guest waits.
+    pub fn final_sync(&mut self, vm: &Vm, sink: &mut dyn DirtySink) -> Result<(), MigrationError> {
+        self.collect(vm, sink, false)
+    }
+
+    fn collect(
+        &mut self,
+        vm: &Vm,
+        sink: &mut dyn DirtySink,
+        rearm: bool,
+    ) -> Result<(), MigrationError> {
         let hv = vm.hypervisor_vm();
         for pages in &mut self.pages {
             pages.clear();
@@ -74,8 +90,12 @@ impl DirtyTracker {
             }
             DirtyLogKind::Bitmap => {
                 for (slot, buffer) in self.buffers.iter_mut().enumerate() {
-                    hv.sync_dirty_bitmap(slot as u32, buffer)
-                        .map_err(|e| MigrationError::Vm(VmError::Hypervisor(e)))?;
+                    let read = if rearm {
+                        hv.sync_dirty_bitmap(slot as u32, buffer)
+                    } else {
+                        hv.read_dirty_bitmap(slot as u32, buffer)
+                    };
+                    read.map_err(|e| MigrationError::Vm(VmError::Hypervisor(e)))?;
                     sink.add_log(slot, buffer).map_err(MigrationError::Round)?;
                 }
             }

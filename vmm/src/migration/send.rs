@@ -232,7 +232,7 @@ impl Sender<'_, '_> {
         self.pause()?;
         let step = Instant::now();
         self.report.downtime_breakdown.pause_ms = duration_ms(pause_at.elapsed());
-        self.add_dirty_log(&mut last)?;
+        self.dirty.final_sync(self.vm, &mut last)?;
         let last = last.into_table().map_err(MigrationError::Round)?;
         self.report.downtime_breakdown.final_sync_ms = duration_ms(step.elapsed());
         self.report.downtime_breakdown.last_round_pages = last.total_pages();
