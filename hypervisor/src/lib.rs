@@ -4,6 +4,11 @@
 //! handle), a [`Vm`] (memory slots, dirty logging, interrupt plumbing, VM-wide state) and a
 //! [`Vcpu`] (run loop exits, registers, the whole saved state for migration). The KVM backend lives
 //! in [`kvm`]; nothing outside this crate touches `kvm-ioctls` directly.
+//!
+//! Dirty logging comes in two kinds ([`DirtyLogKind`]), chosen when a VM is created: KVM's dirty
+//! ring, whose reads cost what the guest wrote, where the host keeps it reliably
+//! ([`kvm::dirty_ring_is_reliable`]); otherwise KVM's bitmap, read into the caller's buffer and
+//! re-armed (with manual protection) only where it has dirty pages.
 
 pub mod cpu;
 pub mod hypervisor;
