@@ -125,8 +125,8 @@ pub struct DowntimeBreakdown {
     /// Pages in the last round (sent or found zero) while the VM was paused.
     pub last_round_pages: u64,
     /// Where the guest's writes came from: `ring` (KVM's dirty ring: the final sync costs what
-    /// was written) or `bitmap` (KVM's dirty bitmap: one copy of it, about 5 µs per GiB of
-    /// RAM); empty when no dirty log was read (local mode).
+    /// was written) or `bitmap` (KVM's dirty bitmap: one copy and one scan of it, about 4 µs
+    /// per GiB of RAM); empty when no dirty log was read (local mode).
     #[serde(default)]
     pub dirty_log: String,
 }
