@@ -62,7 +62,8 @@
 # /proc/<dest pid>/smaps_rollup (the whole VMM process) right after send-migration returned;
 # raw_bw_bytes_per_s is `raw_bandwidth <transport> <max(bytes_sent, 64 MiB)> fresh4k`, run once
 # the pair is gone. Extra fields: status, memory_bytes, pages_sent, hints_used, hints_mode,
-# hint_cmd_id, hints_rejected, used_mib, hot_mib, dest_guest_rss_bytes (the guest RAM mapping alone),
+# hint_cmd_id, hints_rejected, used_mib, hot_mib, downtime_breakdown (the report's object, when the
+# VMM gives one), dest_guest_rss_bytes (the guest RAM mapping alone),
 # dest_rss_after_verify_bytes, seq_before, src_last_seq, dst_seq, src_exited, dst_exit, raw_bw_bytes,
 # raw_bw_seconds, cpus, cmdline, guest_hint, host_thp, commit, tree_modified, date.
 # Times vary from run to run on a shared 2-core machine (the spinning guest vCPU, the migration
@@ -410,6 +411,8 @@ row = {
     "commit": commit, "tree_modified": modified == "true",
     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
 }
+if st.get("downtime_breakdown") is not None:
+    row["downtime_breakdown"] = st["downtime_breakdown"]
 rows = []
 if os.path.exists(out) and os.path.getsize(out) > 0:
     with open(out) as f:

@@ -170,6 +170,32 @@ fn hot_pages_written_during_migration_arrive_with_two_vcpus() {
         r["rounds"].as_u64().unwrap() >= 2,
         "a hot guest needs dirty rounds: {r}"
     );
+    // The downtime (pause to the destination's Complete) is the sum of its steps.
+    let b = &r["downtime_breakdown"];
+    let steps: f64 = [
+        "pause_ms",
+        "final_sync_ms",
+        "last_round_ms",
+        "state_ms",
+        "complete_ms",
+    ]
+    .iter()
+    .map(|k| b[*k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}")))
+    .sum();
+    let downtime = r["downtime_ms"].as_f64().unwrap();
+    assert!(
+        steps <= downtime + 0.01 && steps >= downtime * 0.95 - 0.5,
+        "steps {steps} ms vs downtime {downtime} ms: {r}"
+    );
+    // The last round's pages were sent or found zero like every other round's. (It may be
+    // empty: on a loaded host the hot vCPU may not have run since the last live sync.)
+    let last_round = b["last_round_pages"].as_u64().unwrap();
+    let counted = r["pages_sent"].as_u64().unwrap() + r["zero_pages_skipped"].as_u64().unwrap();
+    assert!(last_round <= counted, "{r}");
+    assert!(
+        ["ring", "bitmap"].contains(&b["dirty_log"].as_str().unwrap()),
+        "{r}"
+    );
     check_moved(src, dst);
 }
 

@@ -64,6 +64,9 @@ pub enum VmExit<'a> {
     Reset,
     /// The run was interrupted by a signal or `immediate_exit`.
     Interrupted,
+    /// This vCPU's dirty ring was nearly full; its pages (and every other vCPU's) have been
+    /// collected for the next harvest, and the vCPU can simply run again.
+    DirtyRingFull,
     /// KVM could not handle something (emulation failure and the like); the reason is given.
     InternalError(String),
     /// Any other exit, named.

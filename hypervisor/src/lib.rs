@@ -4,6 +4,11 @@
 //! handle), a [`Vm`] (memory slots, dirty logging, interrupt plumbing, VM-wide state) and a
 //! [`Vcpu`] (run loop exits, registers, the whole saved state for migration). The KVM backend lives
 //! in [`kvm`]; nothing outside this crate touches `kvm-ioctls` directly.
+//!
+//! Dirty logging comes in two kinds ([`DirtyLogKind`]), chosen when a VM is created: KVM's dirty
+//! ring, whose reads cost what the guest wrote, where the host keeps it reliably
+//! ([`kvm::dirty_ring_is_reliable`]); otherwise KVM's bitmap, read into the caller's buffer and
+//! re-armed (with manual protection) only where it has dirty pages.
 
 pub mod cpu;
 pub mod hypervisor;
@@ -13,7 +18,10 @@ pub mod vm;
 pub use crate::cpu::{CpuError, CpuIdEntry, Vcpu, VcpuState, VmExit};
 pub use crate::hypervisor::{Capability, Hypervisor, HypervisorError};
 pub use crate::kvm::KvmHypervisor;
-pub use crate::vm::{DataMatch, IoEventAddress, IrqRoute, UserMemoryRegion, Vm, VmError, VmState};
+pub use crate::vm::{
+    DataMatch, DirtyLogKind, DirtyPage, IoEventAddress, IrqRoute, UserMemoryRegion, Vm, VmError,
+    VmState,
+};
 
 /// The legacy FPU/SSE state, as KVM lays it out.
 pub use kvm_bindings::kvm_fpu as FpuState;

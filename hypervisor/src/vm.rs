@@ -78,6 +78,12 @@ pub enum VmError {
     /// Restoring VM-wide state failed; names the piece.
     #[error("cannot restore VM state: {0}")]
     RestoreState(&'static str, #[source] std::io::Error),
+    /// Collecting the dirty rings failed.
+    #[error("cannot harvest the dirty rings")]
+    HarvestDirtyRing(#[source] std::io::Error),
+    /// A dirty-ring operation on a VM that logs dirty pages in bitmaps.
+    #[error("this VM has no dirty ring")]
+    NoDirtyRing,
     /// A generic KVM setup call failed; names the call.
     #[error("KVM call failed: {0}")]
     Setup(&'static str, #[source] std::io::Error),
@@ -99,6 +105,26 @@ pub struct UserMemoryRegion {
     pub userspace_addr: u64,
     /// Whether KVM records writes to this slot in its dirty log.
     pub log_dirty_pages: bool,
+}
+
+/// How the VM tells the VMM which pages the guest wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLogKind {
+    /// One bitmap per slot, read with [`Vm::get_dirty_log`]: each read costs in proportion to
+    /// the slot's size.
+    Bitmap,
+    /// Rings of written pages, read with [`Vm::harvest_dirty_pages`]: each read costs in
+    /// proportion to the pages written since the last one.
+    Ring,
+}
+
+/// A page the guest wrote: its slot and its page number within the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DirtyPage {
+    /// The slot number.
+    pub slot: u32,
+    /// The 4 KiB page within the slot.
+    pub page: u64,
 }
 
 /// Where an ioeventfd listens.
@@ -171,8 +197,25 @@ pub trait Vm: Send + Sync {
     /// reading the log then no longer clears it, and [`Vm::clear_dirty_log`] must. Returns whether it
     /// is on. Call before any slot has dirty logging enabled.
     fn enable_manual_dirty_log(&self) -> Result<bool>;
+    /// How this VM reports written pages: chosen when it was created (the ring when the
+    /// kernel has it), fixed for its lifetime.
+    fn dirty_log_kind(&self) -> DirtyLogKind;
+    /// With [`DirtyLogKind::Ring`]: every page of a slot with dirty logging on that the guest
+    /// wrote since the last call, re-armed so that the next write shows up again. A page may be
+    /// listed more than once; the order is arbitrary. [`VmError::NoDirtyRing`] in bitmap mode.
+    fn harvest_dirty_pages(&self) -> Result<Vec<DirtyPage>>;
+    /// With [`DirtyLogKind::Bitmap`]: fills `bitmap` (one bit per 4 KiB page of the slot, KVM
+    /// layout; at least that long) with the pages written since the last sync of this slot,
+    /// and re-arms them, so that the next write shows up again. The buffer is the caller's, to
+    /// be reused from sync to sync; with manual protection only the parts with dirty pages are
+    /// re-armed.
+    fn sync_dirty_bitmap(&self, slot: u32, bitmap: &mut [u64]) -> Result<()>;
+    /// As [`Vm::sync_dirty_bitmap`], but with manual protection nothing is re-armed: for the
+    /// last read of a paused guest, after which dirty logging stops (one scan of the bitmap
+    /// and the kernel's re-protection are saved while the guest waits).
+    fn read_dirty_bitmap(&self, slot: u32, bitmap: &mut [u64]) -> Result<()>;
     /// Reads a slot's dirty log: one bit per 4 KiB page, in 64-bit words. Without manual
-    /// protection this also clears it.
+    /// protection this also clears it. Only with [`DirtyLogKind::Bitmap`].
     fn get_dirty_log(&self, slot: u32, memory_size: u64) -> Result<Vec<u64>>;
     /// Clears (re-protects) the pages set in `bitmap`, whose bit 0 is page `first_page` of the slot.
     /// `first_page` must be a multiple of 64. Needed only with manual protection.

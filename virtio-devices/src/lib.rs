@@ -66,13 +66,14 @@ pub mod pci;
 mod sync;
 pub mod transport;
 pub mod virtio;
+pub mod write_bitmap;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
 
-/// The guest memory type used by the whole VMM: mmap-backed regions with an atomic dirty bitmap
-/// that records the VMM's own writes for migration.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// The guest memory type used by the whole VMM: mmap-backed regions with a dirty bitmap that
+/// records the VMM's own writes for migration ([`WriteBitmap`]).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<WriteBitmap>;
 
 pub use balloon::{
     Balloon, BalloonConfig, BalloonCounters, BalloonError, BalloonHandle, BalloonState,
@@ -88,3 +89,4 @@ pub use pci::{
 };
 pub use transport::{VirtioPciDevice, VirtioPciError, VirtioPciState};
 pub use virtio::{VirtioDevice, VirtioDeviceError, VirtioQueue};
+pub use write_bitmap::WriteBitmap;

@@ -82,6 +82,9 @@ pub enum HintError {
         #[source]
         source: BitmapError,
     },
+    /// The last round's ranges could not be merged into a table.
+    #[error("the last round's ranges cannot be merged")]
+    Merge(#[source] crate::ranges::RangeError),
 }
 
 /// Proof that dirty logging is running: KVM's dirty log on every RAM slot *and* the VMM's own
@@ -485,6 +488,22 @@ impl DirtyRound {
                     index: s.region,
                     source,
                 })?;
+        }
+        Ok(())
+    }
+
+    /// Marks pages of RAM region `index` dirty (page numbers within the region, as the dirty
+    /// ring reports them; repeats allowed).
+    pub fn add_pages(&mut self, index: usize, pages: &[u64]) -> Result<(), HintError> {
+        let regions = self.dirty.len();
+        let bitmap = self
+            .dirty
+            .get_mut(index)
+            .ok_or(HintError::NoSuchRegion { index, regions })?;
+        for &page in pages {
+            bitmap
+                .set_range(page, 1)
+                .map_err(|source| HintError::DirtyLog { index, source })?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! - [`ranges`]: [`MemoryRangeTable`] and the [`RamRegions`] every peer-supplied range is
 //!   checked against.
 //! - [`bitmap`]: [`DirtyBitmap`] in KVM's dirty-log layout, and the [`SetBitRuns`] iterator.
+//! - [`last_round`]: the last round, merged from a table made before the pause and the final sync.
 //! - [`hints`]: free page hints applied to round 0 only, with the data-safety rule enforced by
 //!   the types ([`HintRound`], [`DirtyRound`]).
 //! - [`populated`]: which guest pages the host ever backed, found without reading them; the
@@ -49,6 +50,7 @@ pub mod bitmap;
 pub mod counting;
 pub mod hints;
 pub mod io_errors;
+pub mod last_round;
 pub mod memory;
 pub mod populated;
 pub mod protocol;
@@ -65,12 +67,14 @@ pub use hints::{
     DirtyLoggingStarted, DirtyRound, HintError, HintIgnored, HintRejection, HintRound, HintStats,
     HintVerdict, RoundZero, UnpopulatedStats,
 };
+pub use last_round::{DirtySink, LastRound};
 pub use memory::{receive_memory, receive_ranges, send_memory, send_ranges, MemoryStreamError};
 pub use populated::{DiscoveryMethod, PopulatedError, PopulatedMemory};
 pub use protocol::{Command, ErrorReason, ProtocolError, RequestHeader, Response};
 pub use ranges::{MemoryRange, MemoryRangeTable, RamRegions, RangeError, RegionPages, PAGE_SIZE};
 pub use report::{
-    HintMode, HintsReport, MigrationReport, MigrationStatus, PhaseTimes, TransportReport,
+    DowntimeBreakdown, HintMode, HintsReport, MigrationReport, MigrationStatus, PhaseTimes,
+    TransportReport,
 };
 pub use tls::{TlsClient, TlsError, TlsServer, TlsStream};
 pub use transport::{MigrationListener, MigrationStream, MigrationUrl, TransportError};

@@ -3,7 +3,7 @@
 //!
 //! | thread           | where it starts                   | what it may do                                   |
 //! |------------------|-----------------------------------|--------------------------------------------------|
-//! | `vcpuN`          | [`crate::vcpu::VcpuManager::start`] | `KVM_RUN` and the few VM ioctls device models need (ioeventfds, irqfds, GSI routing), eventfd and serial I/O, the kick signal, starting the balloon worker |
+//! | `vcpuN`          | [`crate::vcpu::VcpuManager::start`] | `KVM_RUN` and the few VM ioctls device models need (ioeventfds, irqfds, GSI routing), re-arming a full dirty ring, eventfd and serial I/O, the kick signal, starting the balloon worker |
 //! | `http-server`    | [`crate::api::start_http_server`] | accept, read and answer API connections, hand requests over a channel, remove the socket when told to stop |
 //! | `balloon-worker` | the balloon's worker start hook   | epoll over its eventfds, `madvise(MADV_DONTNEED)`, punching holes in shared guest RAM |
 //! | `migration-recv` | [`crate::migration::receive::start_receiving`] | what the VMM thread may do, less opening, binding and connecting sockets and reading dirty logs: accept the source on a listener the VMM thread bound, read the stream (memfds with `SCM_RIGHTS`), build and restore the VM, start its vCPUs and balloon worker |
@@ -282,6 +282,7 @@ pub mod kvm_ioctl {
     pub const KVM_SET_PIT2: u64 = iow::<kvm_pit_state2>(0xa0);
     pub const KVM_ENABLE_CAP: u64 = iow::<kvm_enable_cap>(0xa3);
     pub const KVM_CLEAR_DIRTY_LOG: u64 = iowr::<kvm_clear_dirty_log>(0xc0);
+    pub const KVM_RESET_DIRTY_RINGS: u64 = io(0xc7);
     // On a vCPU.
     pub const KVM_RUN: u64 = io(0x80);
     pub const KVM_GET_REGS: u64 = ior::<kvm_regs>(0x81);
@@ -312,6 +313,8 @@ use kvm_ioctl::*;
 /// (virtio-pci registers ioeventfds and MSI routes when the driver programs the device).
 const VCPU_IOCTLS: &[u64] = &[
     KVM_RUN,
+    // A vCPU whose dirty ring fills up collects the rings and has KVM re-arm them.
+    KVM_RESET_DIRTY_RINGS,
     KVM_GET_REGS,
     KVM_IOEVENTFD,
     KVM_IRQFD,
@@ -348,6 +351,7 @@ const VMM_IOCTLS: &[u64] = &[
     KVM_SET_PIT2,
     KVM_ENABLE_CAP,
     KVM_CLEAR_DIRTY_LOG,
+    KVM_RESET_DIRTY_RINGS,
     KVM_RUN,
     KVM_GET_REGS,
     KVM_SET_REGS,

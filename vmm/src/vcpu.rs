@@ -344,7 +344,8 @@ fn vcpu_loop(
                 }
                 None
             }
-            Ok(VmExit::Interrupted) | Ok(VmExit::Hlt) => None,
+            // A full dirty ring was collected inside `run`: just run on.
+            Ok(VmExit::Interrupted) | Ok(VmExit::Hlt) | Ok(VmExit::DirtyRingFull) => None,
             Ok(VmExit::Shutdown) => Some(VcpuExitEvent::Shutdown),
             Ok(VmExit::Reset) => Some(VcpuExitEvent::Reset),
             Ok(VmExit::InternalError(why)) => {

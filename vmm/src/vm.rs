@@ -7,7 +7,7 @@ use hypervisor::{Capability, Hypervisor, Vm as HypervisorVm};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_devices::{BalloonState, VirtioPciState};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::GuestMemoryBackend;
 
 use crate::boot::{self, regs, BootError};
 use crate::config::VmConfig;
@@ -417,28 +417,6 @@ impl Vm {
                 .map_err(VmError::Hypervisor)?;
         }
         Ok(())
-    }
-
-    /// The pages written since the last call (or since logging started), per RAM region: KVM's
-    /// log ORed with the VMM's own writes, one bit per 4 KiB page.
-    pub fn dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
-        self.memory
-            .iter()
-            .enumerate()
-            .map(|(slot, region)| {
-                let mut words = self
-                    .vm
-                    .get_dirty_log(slot as u32, region.len())
-                    .map_err(VmError::Hypervisor)?;
-                for (w, v) in words
-                    .iter_mut()
-                    .zip(region.get_mmap().bitmap().get_and_reset())
-                {
-                    *w |= v;
-                }
-                Ok(words)
-            })
-            .collect()
     }
 
     /// Stops the vCPUs for good.

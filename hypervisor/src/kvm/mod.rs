@@ -1,6 +1,8 @@
 //! The KVM backend of the [`Hypervisor`](crate::Hypervisor), [`Vm`](crate::Vm) and
 //! [`Vcpu`](crate::Vcpu) traits.
 
+mod dirty_bitmap;
+mod dirty_ring;
 mod vcpu;
 mod vm;
 
@@ -25,11 +27,20 @@ const MSRS_NOT_MIGRATED: &[u32] = &[
 /// `/dev/kvm`.
 pub struct KvmHypervisor {
     kvm: Kvm,
+    /// Pages per vCPU dirty ring of new VMs (when the kernel has rings); `None`: bitmaps.
+    dirty_ring_entries: Option<u32>,
 }
 
 impl KvmHypervisor {
-    /// Opens `/dev/kvm` and checks the capabilities the VMM relies on.
+    /// Opens `/dev/kvm` and checks the capabilities the VMM relies on. VMs it creates log
+    /// dirty pages in rings when the kernel has `KVM_CAP_DIRTY_LOG_RING` and keeps them
+    /// reliably (see [`dirty_ring_is_reliable`]), in bitmaps otherwise.
     pub fn new() -> Result<Self> {
+        Self::with_dirty_ring(dirty_ring_is_reliable())
+    }
+
+    /// As [`KvmHypervisor::new`]; `dirty_ring: false` keeps every VM on the bitmap log.
+    pub fn with_dirty_ring(dirty_ring: bool) -> Result<Self> {
         let kvm = Kvm::new().map_err(|e| HypervisorError::Open(e.into()))?;
         let version = kvm.get_api_version();
         if version != kvm_bindings::KVM_API_VERSION as i32 {
@@ -46,8 +57,21 @@ impl KvmHypervisor {
                 return Err(HypervisorError::MissingCapability(name));
             }
         }
-        Ok(KvmHypervisor { kvm })
+        Ok(KvmHypervisor {
+            kvm,
+            dirty_ring_entries: dirty_ring.then_some(dirty_ring::WANTED_RING_ENTRIES),
+        })
     }
+}
+
+/// Whether this host's KVM keeps every entry of a dirty ring. kvm_pvm does not: it emulates
+/// guest ring-0 code in batches of up to 1024 instructions and looks at the "ring soft full"
+/// request only between batches, so a batch that dirties more pages than the ring's reserve
+/// (64 entries) makes KVM overwrite entries the VMM has not collected (the kernel warns "ring
+/// full" in `kvm_dirty_ring_push`; measured here with a ring-0 guest writing a page every four
+/// instructions). A lost entry would be a page never sent, so there the bitmap log is used.
+pub fn dirty_ring_is_reliable() -> bool {
+    !std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
 impl Hypervisor for KvmHypervisor {
@@ -65,14 +89,27 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .check_extension_raw(u64::from(kvm_bindings::KVM_CAP_DEBUGREGS))
             > 0;
-        Ok(Arc::new(KvmVm::new(
+        let rings = self
+            .dirty_ring_entries
+            .and_then(|entries| vm::enable_dirty_ring(&fd, entries));
+        let has_rings = rings.is_some();
+        let vm = Arc::new(KvmVm::new(
             fd,
             msrs,
             vm::VcpuCaps {
                 xcrs: has_xcrs,
                 debugregs: has_debugregs,
             },
-        )))
+            rings,
+        ));
+        if !has_rings {
+            // Reading the bitmap then copies it and nothing more; re-arming is done for the
+            // chunks with dirty pages only (dirty_bitmap.rs). Without it: classic reads.
+            if let Err(e) = vm.enable_manual_dirty_log() {
+                log::info!("manual dirty log protection refused ({e}); classic dirty log");
+            }
+        }
+        Ok(vm)
     }
 
     fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>> {

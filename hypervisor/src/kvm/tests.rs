@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::{Hypervisor, KvmHypervisor, SegmentRegister, UserMemoryRegion, Vcpu, Vm, VmExit};
 
 const MEM_SIZE: usize = 1 << 20;
-const CODE: u64 = 0x1000;
+pub(super) const CODE: u64 = 0x1000;
 /// `inc eax; out 0x80, al; jmp -5`
 const COUNTER: [u8; 5] = [0x40, 0xe6, 0x80, 0xeb, 0xfb];
 
@@ -45,16 +45,23 @@ impl Drop for Mem {
 }
 
 fn vm_with(mem: &Mem, log_dirty: bool) -> Arc<dyn Vm> {
-    let hv = KvmHypervisor::new().expect("/dev/kvm must be usable for these tests");
+    // The bitmap log, so that these tests read it with get_dirty_log (dirty_ring.rs tests the ring).
+    let hv =
+        KvmHypervisor::with_dirty_ring(false).expect("/dev/kvm must be usable for these tests");
+    vm_from(&hv, mem.0, MEM_SIZE, log_dirty)
+}
+
+/// A VM with slot 0 = `size` bytes at `host` and an irqchip.
+pub(super) fn vm_from(hv: &KvmHypervisor, host: *mut u8, size: usize, log: bool) -> Arc<dyn Vm> {
     let vm = hv.create_vm().unwrap();
     let region = UserMemoryRegion {
         slot: 0,
         guest_phys_addr: 0,
-        memory_size: MEM_SIZE as u64,
-        userspace_addr: mem.0 as u64,
-        log_dirty_pages: log_dirty,
+        memory_size: size as u64,
+        userspace_addr: host as u64,
+        log_dirty_pages: log,
     };
-    // SAFETY: `mem` outlives the VM in every test.
+    // SAFETY: the memory outlives the VM in every test.
     unsafe { vm.set_user_memory_region(region) }.unwrap();
     vm.create_irqchip().unwrap();
     vm
@@ -74,7 +81,7 @@ fn flat32(selector: u16, type_: u8) -> SegmentRegister {
     }
 }
 
-fn boot_counter(vcpu: &dyn Vcpu) {
+pub(super) fn boot_counter(vcpu: &dyn Vcpu) {
     let mut sregs = vcpu.sregs().unwrap();
     sregs.cs = flat32(0x8, 0xb);
     for s in [
@@ -97,7 +104,7 @@ fn boot_counter(vcpu: &dyn Vcpu) {
 }
 
 /// Runs until the next `out 0x80` and returns the byte written.
-fn next_count(vcpu: &mut dyn Vcpu) -> u8 {
+pub(super) fn next_count(vcpu: &mut dyn Vcpu) -> u8 {
     loop {
         match vcpu.run().unwrap() {
             VmExit::IoOut(0x80, data) => return data[0],
@@ -264,4 +271,68 @@ fn a_tsc_deadline_timer_survives_a_state_round_trip() {
     vcpu2.set_state(&saved).unwrap();
     let restored = armed(vcpu2.as_ref()).unwrap();
     assert_ne!(restored, 0, "the deadline was dropped by the restore");
+}
+
+/// The bitmap log is re-armed in 1 GiB chunks (dirty_bitmap.rs): writes on both sides of a
+/// chunk boundary and in a short last chunk show up, once per write, sync after sync.
+#[test]
+fn bitmap_sync_rearms_across_chunk_boundaries() {
+    const SIZE: usize = (2 << 30) + (1 << 20);
+    // `mov [0x3ffff000], al; mov [0x40000000], al; mov [0x80000000], al; inc eax;
+    // out 0x80, al; jmp start`
+    let code = [
+        0xa2, 0x00, 0xf0, 0xff, 0x3f, 0xa2, 0x00, 0x00, 0x00, 0x40, 0xa2, 0x00, 0x00, 0x00, 0x80,
+        0x40, 0xe6, 0x80, 0xeb, 0xec,
+    ];
+    let written = [0x3ffffu64, 0x40000, 0x80000];
+    // SAFETY: a fresh anonymous private mapping (pages appear only where touched).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: the code fits at CODE in the fresh mapping, which nothing else uses yet.
+    unsafe {
+        std::ptr::copy_nonoverlapping(code.as_ptr(), p.cast::<u8>().add(CODE as usize), code.len())
+    };
+    let hv = KvmHypervisor::with_dirty_ring(false).unwrap();
+    let vm = vm_from(&hv, p.cast(), SIZE, true);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    boot_counter(vcpu.as_ref());
+    let mut bitmap = vec![0u64; SIZE / 4096 / 64];
+    let set = |bitmap: &[u64]| -> Vec<u64> {
+        (0..bitmap.len() as u64 * 64)
+            .filter(|&p| bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0)
+            .collect()
+    };
+    for round in 0..3 {
+        next_count(vcpu.as_mut());
+        vm.sync_dirty_bitmap(0, &mut bitmap).unwrap();
+        assert_eq!(set(&bitmap), written, "round {round}");
+        vm.sync_dirty_bitmap(0, &mut bitmap).unwrap();
+        assert!(
+            set(&bitmap).is_empty(),
+            "round {round}: re-armed, nothing new"
+        );
+    }
+    assert!(
+        vm.sync_dirty_bitmap(0, &mut bitmap[..10]).is_err(),
+        "too short"
+    );
+    // A last read leaves the pages dirty (nothing re-armed): a read after it sees them again.
+    next_count(vcpu.as_mut());
+    vm.read_dirty_bitmap(0, &mut bitmap).unwrap();
+    assert_eq!(set(&bitmap), written);
+    vm.read_dirty_bitmap(0, &mut bitmap).unwrap();
+    assert_eq!(set(&bitmap), written, "not re-armed");
+    drop(vcpu);
+    drop(vm);
+    // SAFETY: unmapping the mapping made above, used by no VM any more.
+    unsafe { libc::munmap(p, SIZE) };
 }

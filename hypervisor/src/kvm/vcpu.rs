@@ -1,8 +1,14 @@
 //! A KVM vCPU.
 
-use kvm_bindings::{kvm_msr_entry, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_msr_entry, CpuId, Msrs, KVM_EXIT_DIRTY_RING_FULL, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::dirty_ring::DirtyRings;
 use super::vm::VcpuCaps;
 use crate::cpu::{CpuError, CpuIdEntry, Result, Vcpu, VcpuState, VmExit};
 use crate::{FpuState, SpecialRegisters, StandardRegisters};
@@ -18,14 +24,26 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     msrs: Vec<u32>,
     caps: VcpuCaps,
+    /// The VM's dirty rings, collected here when this vCPU's ring fills up.
+    rings: Option<Arc<DirtyRings>>,
 }
 
 /// `IA32_TSC_DEADLINE`: the LAPIC timer's deadline in TSC-deadline mode.
 pub(crate) const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 impl KvmVcpu {
-    pub(crate) fn new(fd: VcpuFd, msrs: Vec<u32>, caps: VcpuCaps) -> Self {
-        KvmVcpu { fd, msrs, caps }
+    pub(crate) fn new(
+        fd: VcpuFd,
+        msrs: Vec<u32>,
+        caps: VcpuCaps,
+        rings: Option<Arc<DirtyRings>>,
+    ) -> Self {
+        KvmVcpu {
+            fd,
+            msrs,
+            caps,
+            rings,
+        }
     }
 
     /// Reads every MSR of the list that KVM will give; the ones it refuses are left out.
@@ -91,6 +109,13 @@ impl Vcpu for KvmVcpu {
                 VcpuExit::FailEntry(reason, cpu) => VmExit::InternalError(format!(
                     "VM entry failed: reason {reason:#x} on cpu {cpu}"
                 )),
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => match &self.rings {
+                    Some(rings) => {
+                        rings.collect().map_err(CpuError::Run)?;
+                        VmExit::DirtyRingFull
+                    }
+                    None => VmExit::InternalError("dirty ring full without a ring".into()),
+                },
                 other => VmExit::Other(format!("{other:?}")),
             }),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

@@ -1,27 +1,28 @@
 //! A KVM VM.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_enable_cap, kvm_irq_routing_entry, kvm_irqchip, kvm_pit_config,
-    kvm_userspace_memory_region, KvmIrqRouting, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_irqchip, kvm_pit_config,
+    kvm_userspace_memory_region, KvmIrqRouting, KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress as KvmIoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iow_nr;
 
+use super::dirty_bitmap;
+use super::dirty_ring::{ring_bytes, DirtyRings};
 use super::vcpu::KvmVcpu;
 use crate::cpu::Vcpu;
 use crate::vm::{
-    DataMatch, IoEventAddress, IrqRoute, Result, UserMemoryRegion, Vm, VmError, VmState,
+    DataMatch, DirtyLogKind, DirtyPage, IoEventAddress, IrqRoute, Result, UserMemoryRegion, Vm,
+    VmError, VmState,
 };
-
-const KVMIO: u32 = 0xAE;
-ioctl_iow_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
 /// Where KVM on Intel wants its TSS and identity map: three pages just below the BIOS area.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -34,6 +35,34 @@ pub(crate) struct VcpuCaps {
     pub debugregs: bool,
 }
 
+/// Turns on the dirty ring of a VM that has no vCPU yet, when the kernel has one (the
+/// acquire/release variant preferred). `None` (the bitmap log) when it has not, or refuses.
+pub(crate) fn enable_dirty_ring(fd: &VmFd, entries: u32) -> Option<Arc<DirtyRings>> {
+    let cap = [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING]
+        .into_iter()
+        .find(|&cap| fd.check_extension_raw(u64::from(cap)) > 0)?;
+    let bytes = ring_bytes(fd.check_extension_raw(u64::from(cap)), entries)?;
+    // SAFETY: `fd` is an open VM descriptor for the duration of this borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+    let dup = match borrowed.try_clone_to_owned() {
+        Ok(dup) => dup,
+        Err(e) => {
+            log::info!("cannot duplicate the VM descriptor ({e}); using the dirty bitmap");
+            return None;
+        }
+    };
+    let enable = kvm_enable_cap {
+        cap,
+        args: [u64::from(bytes), 0, 0, 0],
+        ..Default::default()
+    };
+    if let Err(e) = fd.enable_cap(&enable) {
+        log::info!("dirty ring refused ({e}); using the dirty bitmap");
+        return None;
+    }
+    Some(Arc::new(DirtyRings::new(dup, bytes)))
+}
+
 /// A KVM VM: the VM file descriptor plus the slots the VMM registered.
 pub struct KvmVm {
     fd: VmFd,
@@ -41,17 +70,56 @@ pub struct KvmVm {
     msrs: Vec<u32>,
     caps: VcpuCaps,
     has_pit: Mutex<bool>,
+    /// The vCPUs' dirty rings, when the VM logs dirty pages that way.
+    rings: Option<Arc<DirtyRings>>,
+    /// Whether reading the dirty bitmap leaves it armed (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
+    manual_protect: AtomicBool,
 }
 
 impl KvmVm {
-    pub(crate) fn new(fd: VmFd, msrs: Vec<u32>, caps: VcpuCaps) -> Self {
+    pub(crate) fn new(
+        fd: VmFd,
+        msrs: Vec<u32>,
+        caps: VcpuCaps,
+        rings: Option<Arc<DirtyRings>>,
+    ) -> Self {
         KvmVm {
             fd,
             slots: Mutex::new(HashMap::new()),
             msrs,
             caps,
             has_pit: Mutex::new(false),
+            rings,
+            manual_protect: AtomicBool::new(false),
         }
+    }
+
+    /// KVM_GET_DIRTY_LOG into `bitmap`; with manual protection, re-arms the chunks with
+    /// dirty pages when `rearm` says so.
+    fn read_bitmap(&self, slot: u32, bitmap: &mut [u64], rearm: bool) -> Result<()> {
+        let pages = self.slot_pages(slot)?;
+        if (bitmap.len() as u64) < pages.div_ceil(64) {
+            return Err(VmError::GetDirtyLog {
+                slot,
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        dirty_bitmap::get(&self.fd, slot, bitmap)
+            .map_err(|source| VmError::GetDirtyLog { slot, source })?;
+        if rearm && self.manual_protect.load(Ordering::Acquire) {
+            for (first, n) in dirty_bitmap::dirty_chunks(bitmap, pages) {
+                let words = &bitmap[(first / 64) as usize..];
+                dirty_bitmap::clear(&self.fd, slot, first, n, words)
+                    .map_err(|source| VmError::ClearDirtyLog { slot, source })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn slot_pages(&self, slot: u32) -> Result<u64> {
+        let slots = self.slots();
+        let region = slots.get(&slot).ok_or(VmError::UnknownSlot(slot))?;
+        Ok(region.memory_size.div_ceil(4096))
     }
 
     fn kvm_region(r: &UserMemoryRegion) -> kvm_userspace_memory_region {
@@ -187,17 +255,39 @@ impl Vm for KvmVm {
         self.fd
             .enable_cap(&cap)
             .map_err(|e| VmError::Setup("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", io(e)))?;
+        self.manual_protect.store(true, Ordering::Release);
         Ok(true)
     }
 
+    fn sync_dirty_bitmap(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+        self.read_bitmap(slot, bitmap, true)
+    }
+
+    fn read_dirty_bitmap(&self, slot: u32, bitmap: &mut [u64]) -> Result<()> {
+        self.read_bitmap(slot, bitmap, false)
+    }
+
+    fn dirty_log_kind(&self) -> DirtyLogKind {
+        match self.rings {
+            Some(_) => DirtyLogKind::Ring,
+            None => DirtyLogKind::Bitmap,
+        }
+    }
+
+    fn harvest_dirty_pages(&self) -> Result<Vec<DirtyPage>> {
+        self.rings
+            .as_ref()
+            .ok_or(VmError::NoDirtyRing)?
+            .harvest()
+            .map_err(VmError::HarvestDirtyRing)
+    }
+
     fn get_dirty_log(&self, slot: u32, memory_size: u64) -> Result<Vec<u64>> {
-        let size = usize::try_from(memory_size).map_err(|_| VmError::UnknownSlot(slot))?;
-        self.fd
-            .get_dirty_log(slot, size)
-            .map_err(|e| VmError::GetDirtyLog {
-                slot,
-                source: io(e),
-            })
+        let words = usize::try_from(memory_size.div_ceil(4096).div_ceil(64))
+            .map_err(|_| VmError::UnknownSlot(slot))?;
+        let mut bitmap = vec![0u64; words];
+        self.sync_dirty_bitmap(slot, &mut bitmap)?;
+        Ok(bitmap)
     }
 
     fn clear_dirty_log(
@@ -213,23 +303,8 @@ impl Vm for KvmVm {
                 source: std::io::Error::from_raw_os_error(libc::EINVAL),
             });
         }
-        let mut arg = kvm_clear_dirty_log {
-            slot,
-            num_pages,
-            first_page,
-            ..Default::default()
-        };
-        arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_ptr() as *mut libc::c_void;
-        // SAFETY: `arg` points at `bitmap`, which holds at least `num_pages` bits (checked above)
-        // and outlives the call; the kernel only reads it.
-        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &arg) };
-        if ret < 0 {
-            return Err(VmError::ClearDirtyLog {
-                slot,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        dirty_bitmap::clear(&self.fd, slot, first_page, num_pages, bitmap)
+            .map_err(|source| VmError::ClearDirtyLog { slot, source })
     }
 
     fn create_irqchip(&self) -> Result<()> {
@@ -323,7 +398,17 @@ impl Vm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| VmError::CreateVcpu(id, io(e)))?;
-        Ok(Box::new(KvmVcpu::new(fd, self.msrs.clone(), self.caps)))
+        if let Some(rings) = &self.rings {
+            rings
+                .map_vcpu(&fd)
+                .map_err(|e| VmError::Setup("mmap of the vCPU dirty ring", e))?;
+        }
+        Ok(Box::new(KvmVcpu::new(
+            fd,
+            self.msrs.clone(),
+            self.caps,
+            self.rings.clone(),
+        )))
     }
 
     fn state(&self) -> Result<VmState> {

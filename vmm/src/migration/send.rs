@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use vm_migration::protocol::{self, Command};
 use vm_migration::report::duration_ms;
 use vm_migration::{
-    CountingStream, DirtyLoggingStarted, DirtyRound, HintRound, HintsReport, MemoryRange,
-    MemoryRangeTable, MigrationReport, MigrationStream, MigrationUrl, RamRegions, Response,
-    TlsClient, TransportReport, ZeroPageFilter,
+    CountingStream, DirtyLoggingStarted, DirtyRound, DirtySink, HintRound, HintsReport, LastRound,
+    MemoryRange, MemoryRangeTable, MigrationReport, MigrationStream, MigrationUrl, RamRegions,
+    Response, TlsClient, TransportReport, ZeroPageFilter,
 };
 
+use super::dirty::DirtyTracker;
 use super::hints::{
     FreePageHinter, HintSource, HintWait, HintsUnavailable, MonotonicClock, RoundEnd,
 };
@@ -89,6 +90,7 @@ pub fn send_migration_with(
         tls,
         stripes: SendStripes::default(),
         progress,
+        dirty: DirtyTracker::default(),
     };
     let result = sender.run(data, start);
     progress.clear_connection();
@@ -137,6 +139,8 @@ struct Sender<'a, 'h> {
     /// The added connections of `connections=<n>` (none by default).
     stripes: SendStripes,
     progress: &'h MigrationProgress,
+    /// Reads the dirty log; set up when logging starts.
+    dirty: DirtyTracker,
 }
 
 /// A hint source that ends its round early when the migration is cancelled.
@@ -212,13 +216,16 @@ impl Sender<'_, '_> {
         let snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
         let state = serde_json::to_vec(&snapshot).map_err(|e| MigrationError::Json("state", e))?;
         self.request(Command::State, &state)?;
+        self.report.downtime_breakdown.state_ms = duration_ms(pause_at.elapsed());
         // The point of no return: from here on the destination may run the guest.
         if !self.progress.commit() {
             return Err(MigrationError::SendCancelled);
         }
+        let complete_at = Instant::now();
         self.request(Command::Complete, &[])?;
         // The destination now owns the guest, and the hinted blocks with it.
         self.hints_held = false;
+        self.report.downtime_breakdown.complete_ms = duration_ms(complete_at.elapsed());
         self.report.downtime_ms += duration_ms(pause_at.elapsed());
         self.report.phases.stopped_ms = self.report.downtime_ms;
         self.report.total_ms = duration_ms(start.elapsed());
@@ -321,7 +328,7 @@ impl Sender<'_, '_> {
         let deadline = start + Duration::from_secs(data.timeout_s);
         let mut dirty_rounds = 0;
         let mut last_sync = phase;
-        let mut pending = loop {
+        let pending = loop {
             self.check_guest()?;
             self.check_cancel()?;
             let round = self.sync(&ram)?;
@@ -352,17 +359,23 @@ impl Sender<'_, '_> {
             dirty_rounds += 1;
         };
         self.report.phases.dirty_rounds_ms = duration_ms(phase.elapsed());
-        // 5. Pause; what was written since the last sync joins the last round.
+        // 5. Pause; what was written since the last sync joins the last round (whose table is
+        // made before the pause, so that the paused part costs what was written, not RAM size).
         self.check_cancel()?;
         self.progress.enter(Phase::Stopped);
+        let mut last = LastRound::new(&ram, pending.into_table().map_err(MigrationError::Round)?);
         let pause_at = Instant::now();
         self.pause()?;
-        self.add_dirty_log(&mut pending)?;
-        self.send_round(
-            memory,
-            pending.into_table().map_err(MigrationError::Round)?,
-            zero.as_mut(),
-        )?;
+        let step = Instant::now();
+        self.report.downtime_breakdown.pause_ms = duration_ms(pause_at.elapsed());
+        self.dirty.final_sync(self.vm, &mut last)?;
+        self.report.downtime_breakdown.dirty_log = self.dirty.kind_name().into();
+        let last = last.into_table().map_err(MigrationError::Round)?;
+        self.report.downtime_breakdown.final_sync_ms = duration_ms(step.elapsed());
+        self.report.downtime_breakdown.last_round_pages = last.total_pages();
+        let step = Instant::now();
+        self.send_round(memory, last, zero.as_mut())?;
+        self.report.downtime_breakdown.last_round_ms = duration_ms(step.elapsed());
         // The downtime so far; the state transfer adds to it in `run`.
         self.report.downtime_ms = duration_ms(pause_at.elapsed());
         Ok(())
@@ -421,19 +434,15 @@ impl Sender<'_, '_> {
     }
 
     /// One dirty-log sync of KVM's log and the VMM's own writes.
-    fn sync(&self, ram: &RamRegions) -> Result<DirtyRound, MigrationError> {
+    fn sync(&mut self, ram: &RamRegions) -> Result<DirtyRound, MigrationError> {
         let mut round = DirtyRound::new(ram);
         self.add_dirty_log(&mut round)?;
         Ok(round)
     }
 
     /// Adds what was written since the last sync to `round`.
-    fn add_dirty_log(&self, round: &mut DirtyRound) -> Result<(), MigrationError> {
-        let logs = self.vm.dirty_log().map_err(MigrationError::Vm)?;
-        for (i, words) in logs.iter().enumerate() {
-            round.add_log(i, words).map_err(MigrationError::Round)?;
-        }
-        Ok(())
+    fn add_dirty_log(&mut self, round: &mut dyn DirtySink) -> Result<(), MigrationError> {
+        self.dirty.sync(self.vm, round)
     }
 
     /// Sends one round (less zero pages the destination never received) and waits for the ack.

@@ -9,6 +9,7 @@
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
+use super::dirty::DirtyPages;
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::seccomp::SeccompMode;
@@ -32,8 +33,9 @@ pub trait SourceVm {
     fn start_dirty_log(&self) -> Result<(), VmError>;
     /// Stops recording them.
     fn stop_dirty_log(&self) -> Result<(), VmError>;
-    /// The pages written since the last call, per RAM region.
-    fn dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError>;
+    /// Fills `pages` with the pages written since the last call (see [`DirtyPages::collect`])
+    /// and hands them back.
+    fn collect_dirty(&self, pages: DirtyPages, rearm: bool) -> Result<DirtyPages, VmError>;
     /// Filters for the threads the migration starts.
     fn seccomp_mode(&self) -> SeccompMode;
     /// Why the guest ended (powered off, reset, a vCPU failed), if it has.
@@ -65,8 +67,9 @@ impl SourceVm for Vm {
     fn stop_dirty_log(&self) -> Result<(), VmError> {
         Vm::stop_dirty_log(self)
     }
-    fn dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
-        Vm::dirty_log(self)
+    fn collect_dirty(&self, mut pages: DirtyPages, rearm: bool) -> Result<DirtyPages, VmError> {
+        pages.collect(self, rearm)?;
+        Ok(pages)
     }
     fn seccomp_mode(&self) -> SeccompMode {
         Vm::seccomp_mode(self)
@@ -77,7 +80,7 @@ impl SourceVm for Vm {
 }
 
 /// A step the VMM thread carries out on the VM for the `migration-send` thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VmStep {
     /// [`Vm::pause`].
     Pause,
@@ -89,8 +92,8 @@ pub enum VmStep {
     StartDirtyLog,
     /// [`Vm::stop_dirty_log`].
     StopDirtyLog,
-    /// [`Vm::dirty_log`].
-    DirtyLog,
+    /// [`DirtyPages::collect`], re-armed or not.
+    CollectDirty(Box<DirtyPages>, bool),
 }
 
 /// What a [`VmStep`] gave.
@@ -99,8 +102,8 @@ pub enum VmStepResult {
     Done,
     /// The snapshot.
     Snapshot(Box<VmSnapshot>),
-    /// The dirty log.
-    DirtyLog(Vec<Vec<u64>>),
+    /// The dirty pages.
+    Dirty(Box<DirtyPages>),
 }
 
 /// A step and where its result goes.
@@ -120,7 +123,9 @@ impl VmStepRequest {
             VmStep::Snapshot => vm.snapshot().map(|s| VmStepResult::Snapshot(Box::new(s))),
             VmStep::StartDirtyLog => vm.start_dirty_log().map(|_| VmStepResult::Done),
             VmStep::StopDirtyLog => vm.stop_dirty_log().map(|_| VmStepResult::Done),
-            VmStep::DirtyLog => vm.dirty_log().map(VmStepResult::DirtyLog),
+            VmStep::CollectDirty(mut pages, rearm) => {
+                pages.collect(vm, rearm).map(|_| VmStepResult::Dirty(pages))
+            }
         };
         // The migration thread may be gone; nobody needs the result then.
         let _ = self.reply.send(result);
@@ -207,9 +212,9 @@ impl SourceVm for VmRemote {
     fn stop_dirty_log(&self) -> Result<(), VmError> {
         self.done(VmStep::StopDirtyLog)
     }
-    fn dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
-        match self.ask(VmStep::DirtyLog)? {
-            VmStepResult::DirtyLog(log) => Ok(log),
+    fn collect_dirty(&self, pages: DirtyPages, rearm: bool) -> Result<DirtyPages, VmError> {
+        match self.ask(VmStep::CollectDirty(Box::new(pages), rearm))? {
+            VmStepResult::Dirty(pages) => Ok(*pages),
             _ => Err(VmError::InvalidState(self.state)),
         }
     }

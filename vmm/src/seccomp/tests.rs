@@ -55,6 +55,7 @@ fn ioctl_numbers_match_the_kernel_headers() {
     assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
     // _IOWR('f', 16, struct pm_scan_arg) from <linux/fs.h>.
     assert_eq!(vm_migration::populated::PAGEMAP_SCAN, 0xc060_6610);
+    assert_eq!(KVM_RESET_DIRTY_RINGS, 0xaec7);
 }
 
 #[test]
