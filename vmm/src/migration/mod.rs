@@ -20,6 +20,7 @@
 //! instead of the Memory rounds. On any error the source sends Abandon (if it still can),
 //! resumes the guest and keeps running.
 
+pub mod decode;
 pub mod hints;
 pub mod receive;
 pub mod send;
