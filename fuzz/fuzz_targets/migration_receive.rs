@@ -50,10 +50,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let ram = RamRegions::from_guest_memory(mem.as_ref()).expect("valid RAM layout");
     let mut written: Vec<(u64, u64)> = Vec::new();
-    loop {
-        let Ok(header) = RequestHeader::read_from(&mut stream) else {
-            break;
-        };
+    while let Ok(header) = RequestHeader::read_from(&mut stream) {
         let ok = match header.command() {
             Command::Start => true,
             Command::Config => protocol::read_payload(&mut stream, &header)
