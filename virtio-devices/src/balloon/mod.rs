@@ -23,6 +23,8 @@
 //! ```
 
 mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hinting;
 mod release;
 mod state;

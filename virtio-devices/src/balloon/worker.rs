@@ -455,12 +455,21 @@ impl BalloonWorker {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl BalloonWorker {
     /// Mark every queue pending and process them on the calling thread.
     pub(crate) fn process_all(&mut self) {
         self.pending.fill(true);
         self.process_pending();
+    }
+
+    /// Process queue `i` (if there is one) as its notification would, on the calling thread.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn notify_queue(&mut self, i: usize) {
+        if let Some(pending) = self.pending.get_mut(i) {
+            *pending = true;
+            self.process_pending();
+        }
     }
 }
 

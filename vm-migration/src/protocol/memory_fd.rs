@@ -115,6 +115,51 @@ pub fn send_memory_fds(
     Ok((RequestHeader::WIRE_SIZE + payload.len()) as u64)
 }
 
+/// Decodes a MemoryFd payload (one 24-byte entry per region) and pairs the entries, in order,
+/// with the descriptors that came with it: the count must match and the regions must be valid
+/// (page aligned, non-empty, sorted, not overlapping, offset + size not overflowing). The pure
+/// half of [`receive_memory_fds`], which also checks each file's size.
+pub fn decode_memory_fd_entries<F>(
+    payload: &[u8],
+    fds: Vec<F>,
+) -> Result<Vec<MemoryFdRegion<F>>, ProtocolError> {
+    let len = payload.len() as u64;
+    if !len.is_multiple_of(MEMORY_FD_ENTRY_SIZE) {
+        return Err(ProtocolError::BadPayloadLength {
+            command: Command::MemoryFd,
+            length: len,
+        });
+    }
+    let entries = (len / MEMORY_FD_ENTRY_SIZE) as usize;
+    if entries > MAX_MEMORY_FDS {
+        return Err(ProtocolError::TooManyFds {
+            count: entries,
+            max: MAX_MEMORY_FDS,
+        });
+    }
+    if fds.len() != entries {
+        return Err(ProtocolError::FdCount {
+            entries,
+            fds: fds.len(),
+        });
+    }
+    let mut regions = Vec::with_capacity(entries);
+    for (chunk, fd) in payload.chunks_exact(MEMORY_FD_ENTRY_SIZE as usize).zip(fds) {
+        let wire = MemoryFdWire::read_from_bytes(chunk).map_err(|_| ProtocolError::Truncated {
+            expected: len,
+            got: chunk.len() as u64,
+        })?;
+        regions.push(MemoryFdRegion {
+            gpa: wire.gpa.get(),
+            size: wire.size.get(),
+            offset: wire.offset.get(),
+            fd,
+        });
+    }
+    validate(&regions)?;
+    Ok(regions)
+}
+
 /// Receives the payload and descriptors of a MemoryFd request whose header was just read.
 /// Checks the entries and that each file is large enough for `offset + size`. Descriptors are
 /// owned (closed on drop) from the moment they arrive, including on every error path.
@@ -131,7 +176,6 @@ pub fn receive_memory_fds(
         });
     }
     // Bounded by the header's MemoryFd limit (MAX_MEMORY_FDS entries).
-    let entries = (len / MEMORY_FD_ENTRY_SIZE) as usize;
     let mut payload = vec![0u8; len as usize];
     let mut owned: Vec<OwnedFd> = Vec::new();
     if !payload.is_empty() {
@@ -161,29 +205,7 @@ pub fn receive_memory_fds(
             .read_exact(&mut payload[got..])
             .map_err(ProtocolError::read)?;
     }
-    if owned.len() != entries {
-        return Err(ProtocolError::FdCount {
-            entries,
-            fds: owned.len(),
-        });
-    }
-    let mut regions = Vec::with_capacity(entries);
-    for (chunk, fd) in payload
-        .chunks_exact(MEMORY_FD_ENTRY_SIZE as usize)
-        .zip(owned)
-    {
-        let wire = MemoryFdWire::read_from_bytes(chunk).map_err(|_| ProtocolError::Truncated {
-            expected: len,
-            got: chunk.len() as u64,
-        })?;
-        regions.push(MemoryFdRegion {
-            gpa: wire.gpa.get(),
-            size: wire.size.get(),
-            offset: wire.offset.get(),
-            fd,
-        });
-    }
-    validate(&regions)?;
+    let mut regions = decode_memory_fd_entries(&payload, owned)?;
     for (index, r) in regions.iter_mut().enumerate() {
         let file = File::from(r.fd.try_clone().map_err(ProtocolError::FdStat)?);
         let actual = file.metadata().map_err(ProtocolError::FdStat)?.len();
@@ -313,6 +335,37 @@ mod tests {
             .write_to(&mut w)
             .unwrap();
         socket.send_with_fds(&[payload.as_slice()], fds).unwrap();
+    }
+
+    #[test]
+    fn decode_pairs_entries_with_descriptors() {
+        let mut payload = Vec::new();
+        for (g, s, o) in [(0u64, 0x1000u64, 0u64), (0x2000, 0x2000, 0x1000)] {
+            payload.extend_from_slice(&g.to_le_bytes());
+            payload.extend_from_slice(&s.to_le_bytes());
+            payload.extend_from_slice(&o.to_le_bytes());
+        }
+        let regions = decode_memory_fd_entries(&payload, vec!['a', 'b']).unwrap();
+        assert_eq!(
+            regions
+                .iter()
+                .map(|r| (r.gpa, r.size, r.offset, r.fd))
+                .collect::<Vec<_>>(),
+            [(0, 0x1000, 0, 'a'), (0x2000, 0x2000, 0x1000, 'b')]
+        );
+        assert!(matches!(
+            decode_memory_fd_entries(&payload, vec!['a']),
+            Err(ProtocolError::FdCount { entries: 2, fds: 1 })
+        ));
+        assert!(matches!(
+            decode_memory_fd_entries(&payload[..30], vec!['a']),
+            Err(ProtocolError::BadPayloadLength { length: 30, .. })
+        ));
+        let too_many = vec![0u8; 65 * MEMORY_FD_ENTRY_SIZE as usize];
+        assert!(matches!(
+            decode_memory_fd_entries(&too_many, vec![(); 65]),
+            Err(ProtocolError::TooManyFds { count: 65, .. })
+        ));
     }
 
     #[test]

@@ -45,7 +45,8 @@ use std::io;
 use thiserror::Error;
 
 pub use memory_fd::{
-    receive_memory_fds, send_memory_fds, MemoryFdRegion, MAX_MEMORY_FDS, MEMORY_FD_ENTRY_SIZE,
+    decode_memory_fd_entries, receive_memory_fds, send_memory_fds, MemoryFdRegion, MAX_MEMORY_FDS,
+    MEMORY_FD_ENTRY_SIZE,
 };
 pub use request::{read_payload, request, write_request, Command, RequestHeader};
 pub use response::{ErrorReason, Response, MAX_MESSAGE_BYTES};

@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use super::{routes, ApiError, ApiRequest, ApiResult};
+
+mod decode;
 use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
+pub use decode::{decode_request, DecodedRequest};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_SIZE: usize = 64 * 1024;

@@ -50,7 +50,8 @@ use crate::config::{
 };
 
 pub use http::{
-    start_http_server, ApiHandler, ApiReply, HttpServerError, MAX_BODY_SIZE, MAX_HEADER_SIZE,
+    decode_request, start_http_server, ApiHandler, ApiReply, DecodedRequest, HttpServerError,
+    MAX_BODY_SIZE, MAX_HEADER_SIZE,
 };
 pub use routes::{parse_request, API_PREFIX};
 

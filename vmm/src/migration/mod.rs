@@ -20,6 +20,7 @@
 //! instead of the Memory rounds. On any error the source sends Abandon (if it still can),
 //! resumes the guest and keeps running.
 
+pub mod decode;
 pub mod dirty;
 pub mod hints;
 pub mod outgoing;

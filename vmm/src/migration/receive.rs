@@ -28,6 +28,7 @@ use vm_migration::{
     TlsServer,
 };
 
+use super::decode::{decode_config, decode_state};
 use super::stripes::receive::{ReceiveStripes, StripeContext};
 use super::MigrationError;
 use crate::config::{ReceiveMigrationData, VmConfig};
@@ -35,7 +36,7 @@ use crate::memory;
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::ExitSink;
 use crate::vm::lock;
-use crate::vm::{Vm, VmSnapshot};
+use crate::vm::Vm;
 
 /// How long any single read or write may block once the source is connected.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -360,11 +361,7 @@ impl Receiver<'_> {
             Command::Config => {
                 let payload =
                     protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
-                let config: VmConfig = serde_json::from_slice(&payload)
-                    .map_err(|e| MigrationError::Json("config", e))?;
-                config
-                    .validate_resources()
-                    .map_err(MigrationError::Config)?;
+                let config = decode_config(&payload)?;
                 if self.config.is_some() {
                     return Err(MigrationError::Unexpected("second Config"));
                 }
@@ -416,8 +413,7 @@ impl Receiver<'_> {
                 }
                 let payload =
                     protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
-                let snapshot: VmSnapshot = serde_json::from_slice(&payload)
-                    .map_err(|e| MigrationError::Json("state", e))?;
+                let snapshot = decode_state(&payload)?;
                 self.ensure_vm()?;
                 let vm = self
                     .vm
