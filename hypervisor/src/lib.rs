@@ -5,10 +5,11 @@
 //! [`Vcpu`] (run loop exits, registers, the whole saved state for migration). The KVM backend lives
 //! in [`kvm`]; nothing outside this crate touches `kvm-ioctls` directly.
 //!
-//! Dirty logging comes in two kinds ([`DirtyLogKind`]), chosen when a VM is created: KVM's dirty
-//! ring, whose reads cost what the guest wrote, where the host keeps it reliably
-//! ([`kvm::dirty_ring_is_reliable`]); otherwise KVM's bitmap, read into the caller's buffer and
-//! re-armed (with manual protection) only where it has dirty pages.
+//! Dirty logging comes in two kinds ([`DirtyLogKind`]), chosen when a VM is created: KVM's
+//! bitmap (the default), read into the caller's buffer and re-armed (with manual protection) only
+//! where it has dirty pages; or, opted in with [`kvm::KvmHypervisor::with_dirty_ring`], KVM's
+//! dirty ring, whose reads cost what the guest wrote (not yet trusted: see
+//! [`kvm::KvmHypervisor::new`]).
 
 pub mod cpu;
 pub mod hypervisor;
