@@ -194,7 +194,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::kvm::tests::{boot_counter, vm_from, CODE};
+    use crate::kvm::tests::{boot_counter, vm_from, Mem, CODE};
     use crate::{DirtyLogKind, KvmHypervisor, Vcpu, VmExit};
 
     const MEM: usize = 8 << 20;
@@ -221,40 +221,11 @@ mod tests {
     const FIRST_PAGE: u64 = 0x10;
     const PAGES: u64 = (MEM / 4096) as u64;
 
-    /// Anonymous guest memory holding the page writer, unmapped on drop.
-    struct Mem(*mut u8);
-
-    impl Mem {
-        fn new() -> Self {
-            // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    MEM,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            // SAFETY: the code fits in the fresh mapping at CODE, which nothing else uses yet.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    PAGE_WRITER.as_ptr(),
-                    p.cast::<u8>().add(CODE as usize),
-                    PAGE_WRITER.len(),
-                )
-            };
-            Mem(p.cast())
-        }
-    }
-
-    impl Drop for Mem {
-        fn drop(&mut self) {
-            // SAFETY: unmapping the mapping made in `new`, used by no VM any more.
-            unsafe { libc::munmap(self.0.cast(), MEM) };
-        }
+    /// Guest memory holding the page writer at CODE.
+    fn writer_memory() -> Mem {
+        let mut mem = Mem::of_size(MEM);
+        mem.bytes()[CODE as usize..CODE as usize + PAGE_WRITER.len()].copy_from_slice(&PAGE_WRITER);
+        mem
     }
 
     /// Runs one pass of the page writer; returns how many ring-full exits it took.
@@ -285,8 +256,8 @@ mod tests {
     /// written again after a harvest is in the next one, a page not written again is not.
     #[test]
     fn harvest_sees_each_write_once_per_round() {
-        let mem = Mem::new();
-        let vm = vm_from(&ring_hypervisor(WANTED_RING_ENTRIES), mem.0, MEM, true);
+        let mem = writer_memory();
+        let vm = vm_from(&ring_hypervisor(WANTED_RING_ENTRIES), mem.host(), MEM, true);
         assert_eq!(
             vm.dirty_log_kind(),
             DirtyLogKind::Ring,
@@ -319,8 +290,8 @@ mod tests {
     /// pages collected then are all in the next harvest, none lost.
     #[test]
     fn nothing_is_lost_when_the_ring_fills_up() {
-        let mem = Mem::new();
-        let vm = vm_from(&ring_hypervisor(512), mem.0, MEM, true);
+        let mem = writer_memory();
+        let vm = vm_from(&ring_hypervisor(512), mem.host(), MEM, true);
         let mut vcpu = vm.create_vcpu(0).unwrap();
         boot_counter(vcpu.as_ref());
         let written: BTreeSet<u64> = (FIRST_PAGE..PAGES).collect();
@@ -344,9 +315,9 @@ mod tests {
     /// Without the ring (turned off, or a kernel without it) the VM keeps the bitmap log.
     #[test]
     fn bitmap_log_when_the_ring_is_off() {
-        let mem = Mem::new();
+        let mem = writer_memory();
         let hv = KvmHypervisor::with_dirty_ring(false).unwrap();
-        let vm = vm_from(&hv, mem.0, MEM, true);
+        let vm = vm_from(&hv, mem.host(), MEM, true);
         assert_eq!(vm.dirty_log_kind(), DirtyLogKind::Bitmap);
         assert!(matches!(
             vm.harvest_dirty_pages(),

@@ -11,15 +11,24 @@ pub(super) const CODE: u64 = 0x1000;
 const COUNTER: [u8; 5] = [0x40, 0xe6, 0x80, 0xeb, 0xfb];
 
 /// Anonymous guest memory, unmapped on drop.
-struct Mem(*mut u8);
+pub(super) struct Mem {
+    ptr: *mut u8,
+    size: usize,
+}
 
 impl Mem {
+    /// `MEM_SIZE` bytes.
     fn new() -> Self {
+        Self::of_size(MEM_SIZE)
+    }
+
+    /// `size` bytes, zeroed.
+    pub(super) fn of_size(size: usize) -> Self {
         // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                MEM_SIZE,
+                size,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
                 -1,
@@ -27,20 +36,28 @@ impl Mem {
             )
         };
         assert_ne!(p, libc::MAP_FAILED);
-        Mem(p.cast())
+        Mem {
+            ptr: p.cast(),
+            size,
+        }
     }
 
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is MEM_SIZE bytes, lives as long as `self`, and `&mut self` makes
+    /// Where the mapping starts.
+    pub(super) fn host(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub(super) fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `size` bytes, lives as long as `self`, and `&mut self` makes
         // this the only slice over it (a running vCPU writes through KVM, not through Rust).
-        unsafe { std::slice::from_raw_parts_mut(self.0, MEM_SIZE) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.size) }
     }
 }
 
 impl Drop for Mem {
     fn drop(&mut self) {
-        // SAFETY: unmapping the mapping created in `new`, no longer used by any VM.
-        unsafe { libc::munmap(self.0.cast(), MEM_SIZE) };
+        // SAFETY: unmapping the mapping created in `of_size`, no longer used by any VM.
+        unsafe { libc::munmap(self.ptr.cast(), self.size) };
     }
 }
 
@@ -48,7 +65,7 @@ fn vm_with(mem: &Mem, log_dirty: bool) -> Arc<dyn Vm> {
     // The bitmap log, so that these tests read it with get_dirty_log (dirty_ring.rs tests the ring).
     let hv =
         KvmHypervisor::with_dirty_ring(false).expect("/dev/kvm must be usable for these tests");
-    vm_from(&hv, mem.0, MEM_SIZE, log_dirty)
+    vm_from(&hv, mem.host(), MEM_SIZE, log_dirty)
 }
 
 /// A VM with slot 0 = `size` bytes at `host` and an irqchip.
