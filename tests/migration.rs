@@ -6,7 +6,7 @@ mod common;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{field, Vmm};
+use common::{field, migration_report as report, wait_tcp_listen, Vmm};
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -28,38 +28,6 @@ fn migrate(src: &Vmm, dst: &Vmm, receiver_url: &str, send_args: &str) -> (Output
     let sent = src.remote(&["send-migration", send_args]);
     let received = receiver.join().expect("receiver thread");
     (sent, received)
-}
-
-/// Waits until something listens on TCP `port` (without connecting: the receiver accepts
-/// exactly one connection).
-fn wait_tcp_listen(port: u16, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    let needle = format!(":{port:04X} ");
-    while Instant::now() < deadline {
-        let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-            std::fs::read_to_string(f)
-                .unwrap_or_default()
-                .lines()
-                .any(|l| {
-                    let cols: Vec<&str> = l.split_whitespace().collect();
-                    cols.len() > 3 && format!("{} ", cols[1]).ends_with(&needle) && cols[3] == "0A"
-                })
-        });
-        if listening {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("nothing listens on TCP port {port}");
-}
-
-fn report(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "send-migration failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("the report is JSON")
 }
 
 /// Boots a source guest and a waiting destination.

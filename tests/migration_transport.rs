@@ -5,9 +5,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Scratch, Vmm};
+use common::{migration_report as report, wait_tcp_listen, Scratch, Vmm};
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -36,50 +36,19 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Waits until something listens on TCP `port` (without connecting).
-fn wait_tcp_listen(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let needle = format!(":{port:04X}");
-    while Instant::now() < deadline {
-        let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-            std::fs::read_to_string(table)
-                .unwrap_or_default()
-                .lines()
-                .any(|l| {
-                    let cols: Vec<&str> = l.split_whitespace().collect();
-                    cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
-                })
-        });
-        if listening {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("nothing listens on TCP port {port}");
-}
-
 /// Runs receive-migration on `dst` (in a thread) and send-migration on `src`.
 fn migrate(src: &Vmm, dst: &Vmm, port: u16, receive: &str, send: &str) -> (Output, Output) {
     let dst_api = dst.api.clone();
     let receive = receive.to_string();
     let receiver =
         std::thread::spawn(move || common::ch_remote(&dst_api, &["receive-migration", &receive]));
-    wait_tcp_listen(port);
+    wait_tcp_listen(port, Duration::from_secs(10));
     let sent = src.remote(&["send-migration", send]);
     (sent, receiver.join().expect("receiver thread"))
 }
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn report(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "send-migration failed: {}",
-        stderr(out)
-    );
-    serde_json::from_slice(&out.stdout).expect("the report is JSON")
 }
 
 /// A running source guest (live, hot and recently freed data) and a waiting destination.

@@ -304,6 +304,29 @@ pub fn migrate_unix(src: &Vmm, dst: &Vmm, options: &str) -> (Output, Output) {
     (sent, receiver.join().expect("receiver thread"))
 }
 
+/// Waits until something listens on TCP `port`, IPv4 or IPv6, without connecting (a receiver
+/// accepts exactly one connection).
+pub fn wait_tcp_listen(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let needle = format!(":{port:04X}");
+    while Instant::now() < deadline {
+        let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+            std::fs::read_to_string(table)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.len() > 3 && cols[1].ends_with(&needle) && cols[3] == "0A"
+                })
+        });
+        if listening {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listens on TCP port {port}");
+}
+
 /// The migration report a successful send-migration printed.
 pub fn migration_report(out: &Output) -> serde_json::Value {
     assert!(
