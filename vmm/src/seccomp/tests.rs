@@ -105,6 +105,18 @@ fn under_filter<R: Send + 'static>(kind: ThreadKind, f: impl FnOnce() -> R + Sen
     .unwrap()
 }
 
+/// 0 when a stream socket of `domain` can be opened (it is closed at once), else the errno.
+fn socket_errno(domain: libc::c_int) -> i32 {
+    // SAFETY: a socket that opens is closed at once; nothing else is touched.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return errno_of(-1);
+    }
+    // SAFETY: `fd` was just opened here and is used by nothing else.
+    unsafe { libc::close(fd) };
+    0
+}
+
 /// The errno of a raw call's result, 0 on success.
 fn errno_of(ret: libc::c_long) -> i32 {
     if ret < 0 {
@@ -394,15 +406,9 @@ fn migration_stream_threads_only_read_and_write_their_socket() {
                 && &buf == b"page"
                 && a.shutdown(std::net::Shutdown::Both).is_ok();
             drop((a, b));
-            // SAFETY: a socket that opens is closed at once; accept4 on fd -1 only fails.
+            // SAFETY: accept4 on fd -1 only fails.
             let (socket, accept) = unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                let socket = if fd >= 0 {
-                    libc::close(fd);
-                    0
-                } else {
-                    errno_of(-1)
-                };
+                let socket = socket_errno(libc::AF_INET);
                 let accept =
                     errno_of(
                         libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0)
@@ -428,16 +434,9 @@ fn the_migration_receiver_covers_its_threads_and_connects_nowhere() {
     assert!(covers(&receiver, &balloon_worker()));
     assert!(covers(&vmm(), &receiver));
     let (socket, connect, accept) = under_filter(ThreadKind::MigrationReceive, || {
-        // SAFETY: a socket that opens is closed at once; connect and accept4 on fd -1 only
-        // fail (EBADF) when they are allowed.
+        // SAFETY: connect and accept4 on fd -1 only fail (EBADF when they are allowed).
         unsafe {
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-            let socket = if fd >= 0 {
-                libc::close(fd);
-                0
-            } else {
-                errno_of(-1)
-            };
+            let socket = socket_errno(libc::AF_UNIX);
             let connect = errno_of(libc::connect(-1, std::ptr::null(), 0) as libc::c_long);
             let accept = errno_of(
                 libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0) as libc::c_long,
@@ -526,16 +525,10 @@ fn the_migration_sender_connects_but_touches_no_vm() {
     assert!(covers(&vmm(), &sender));
     let (socket, connect, nonblocking, kvm, listen) =
         under_filter(ThreadKind::MigrationSend, || {
-            // SAFETY: a socket that opens is closed at once; connect, ioctl and listen on fd -1
-            // only fail (EBADF) when they are allowed.
+            // SAFETY: connect, ioctl and listen on fd -1 only fail (EBADF when they are
+            // allowed).
             unsafe {
-                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-                let socket = if fd >= 0 {
-                    libc::close(fd);
-                    0
-                } else {
-                    errno_of(-1)
-                };
+                let socket = socket_errno(libc::AF_UNIX);
                 let connect = errno_of(libc::connect(-1, std::ptr::null(), 0) as libc::c_long);
                 let nonblocking = errno_of(libc::ioctl(-1, libc::FIONBIO, 0) as libc::c_long);
                 let kvm = errno_of(libc::ioctl(-1, KVM_GET_DIRTY_LOG as _, 0) as libc::c_long);
