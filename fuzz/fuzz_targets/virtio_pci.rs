@@ -15,9 +15,9 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use virtio_devices::{Balloon, BalloonConfig, PciDevice, VirtioPciDevice};
+use virtio_devices::{PciDevice, VirtioPciDevice};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_fuzz::{FuzzInput, NullMsi, PciMachine, PCI_RAM_SIZE};
+use vmm_fuzz::{every_feature_balloon, FuzzInput, NullMsi, PciMachine, PCI_RAM_SIZE};
 
 fuzz_target!(|data: &[u8]| {
     let m = PciMachine::new();
@@ -67,14 +67,7 @@ fuzz_target!(|data: &[u8]| {
                 let state = m.dev.lock().expect("not poisoned").state();
                 let json = serde_json::to_vec(&state).expect("state serializes");
                 let state = serde_json::from_slice(&json).expect("state deserializes");
-                let balloon = Balloon::new(&BalloonConfig {
-                    deflate_on_oom: true,
-                    free_page_reporting: true,
-                    free_page_hinting: true,
-                    statistics: true,
-                    ..Default::default()
-                })
-                .expect("balloon");
+                let balloon = every_feature_balloon();
                 let mut fresh =
                     VirtioPciDevice::new(balloon, m.mem.clone(), Arc::new(NullMsi(8)), None)
                         .expect("virtio-pci device");

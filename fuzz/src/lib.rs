@@ -182,6 +182,18 @@ pub struct PciMachine {
 
 use virtio_devices::VirtioPciDevice;
 
+/// A balloon offering every feature (deflate on OOM, reporting, hinting, statistics).
+pub fn every_feature_balloon() -> virtio_devices::Balloon {
+    virtio_devices::Balloon::new(&virtio_devices::BalloonConfig {
+        deflate_on_oom: true,
+        free_page_reporting: true,
+        free_page_hinting: true,
+        statistics: true,
+        ..Default::default()
+    })
+    .expect("balloon")
+}
+
 /// Guest RAM of [`PciMachine`].
 pub const PCI_RAM_SIZE: usize = 16 << 20;
 
@@ -191,14 +203,7 @@ impl PciMachine {
         let mem = guest_memory(&[(0, PCI_RAM_SIZE)]);
         let bus = Arc::new(virtio_devices::PciBus::new());
         let mut bars = virtio_devices::BarAllocator::default();
-        let balloon = virtio_devices::Balloon::new(&virtio_devices::BalloonConfig {
-            deflate_on_oom: true,
-            free_page_reporting: true,
-            free_page_hinting: true,
-            statistics: true,
-            ..Default::default()
-        })
-        .expect("balloon");
+        let balloon = every_feature_balloon();
         let dev = Arc::new(Mutex::new(
             VirtioPciDevice::new(balloon, mem.clone(), Arc::new(NullMsi(8)), None)
                 .expect("virtio-pci device"),
