@@ -210,7 +210,8 @@ impl Vmm {
         })
     }
 
-    /// Stops the migration being sent, if any, without waiting (the VMM is going away).
+    /// Stops the migration being sent, if any, without waiting for it to end (the VMM is going
+    /// away, or the guest ended).
     pub(super) fn abandon_outgoing(&mut self) {
         if let Some(outgoing) = &self.outgoing {
             // Too late to cancel means the guest is moving away anyway.

@@ -210,8 +210,8 @@ impl Sender<'_, '_> {
         }
         let pause_at = Instant::now();
         // A guest that powered off, reset or crashed while it was being copied must not be
-        // resumed over there from whatever state its vCPUs were left in.
-        self.check_guest()?;
+        // resumed over there from whatever state its vCPUs were left in (checked with the
+        // cancel).
         self.check_cancel()?;
         let snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
         let state = serde_json::to_vec(&snapshot).map_err(|e| MigrationError::Json("state", e))?;
@@ -329,7 +329,6 @@ impl Sender<'_, '_> {
         let mut dirty_rounds = 0;
         let mut last_sync = phase;
         let pending = loop {
-            self.check_guest()?;
             self.check_cancel()?;
             let round = self.sync(&ram)?;
             let estimate_ms = round.dirty_pages() as f64 * 4096.0 / self.bandwidth * 1000.0;
