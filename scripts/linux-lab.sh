@@ -27,8 +27,10 @@ cd "$root"
 
 ALL=(boot-pvh boot-bzimage balloon migrate-stock migrate-off migrate-ranges migrate-noballoon migrate-hot-2cpu migrate-twice
     init-on-alloc-0 init-on-alloc-1 stock-fragmented ranges-fragmented qemu-stock)
+# Run only when named (diagnoses): stock hint rounds outside a migration; a write-fault storm.
+EXTRA=(hint-rounds write-storm)
 # Scenarios measured several times (--runs): the side-by-side numbers.
-REPEATED=" migrate-stock migrate-off migrate-ranges migrate-twice qemu-stock "
+REPEATED=" migrate-stock migrate-off migrate-ranges migrate-twice qemu-stock hint-rounds write-storm "
 KVER=${LAB_KERNEL_VERSION:-6.12.117+deb12}
 KFLAVOUR=$KVER-cloud-amd64
 
@@ -52,7 +54,7 @@ if [[ -n $guest_init ]]; then
 fi
 ((${#scenarios[@]})) || scenarios=("${ALL[@]}")
 for s in "${scenarios[@]}"; do
-    [[ " ${ALL[*]} guest-init " == *" $s "* ]] || { echo "linux-lab: unknown scenario '$s' (known: ${ALL[*]} guest-init)" >&2; exit 2; }
+    [[ " ${ALL[*]} ${EXTRA[*]} guest-init " == *" $s "* ]] || { echo "linux-lab: unknown scenario '$s' (known: ${ALL[*]} ${EXTRA[*]} guest-init)" >&2; exit 2; }
     [[ $s != guest-init || -n $guest_init ]] || { echo "linux-lab: scenario guest-init needs --guest-init FILE" >&2; exit 2; }
 done
 lab=$root/target/linux-lab

@@ -155,6 +155,12 @@ fn hot_pages_written_during_migration_arrive_with_two_vcpus() {
         steps <= downtime + 0.01 && steps >= downtime * 0.95 - 0.5,
         "steps {steps} ms vs downtime {downtime} ms: {r}"
     );
+    // Saving the state here is the first part of the state step.
+    let snapshot = b["snapshot_ms"].as_f64().expect("snapshot_ms");
+    assert!(
+        snapshot > 0.0 && snapshot <= b["state_ms"].as_f64().unwrap(),
+        "snapshot_ms {snapshot} outside state_ms: {r}"
+    );
     // The last round's pages were sent or found zero like every other round's. (It may be
     // empty: on a loaded host the hot vCPU may not have run since the last live sync.)
     let last_round = b["last_round_pages"].as_u64().unwrap();

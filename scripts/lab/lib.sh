@@ -78,10 +78,11 @@ wait_for() { # wait_for FILE REGEX SECONDS
     return 1
 }
 
-# start_vmm NAME [cloud-hypervisor flags]: our VMM with its API on $W/NAME.sock.
+# start_vmm NAME [cloud-hypervisor flags]: our VMM with its API on $W/NAME.sock, its log (info
+# level: rounds, the destination's VM build and restore steps) in $W/NAME.err.
 start_vmm() {
     name=$1; shift
-    "$CH" --api-socket "$W/$name.sock" "$@" 2>>"$W/$name.err" &
+    "$CH" -vv --api-socket "$W/$name.sock" "$@" 2>>"$W/$name.err" &
     echo $! >"$W/$name.pid"
     wait_socket "$W/$name.sock" 20 "$name: the VMM did not open its API socket"
 }
@@ -172,6 +173,7 @@ migrate() {
     MIGRATION_JSON="$MIGRATION_JSON,\"used_mib\":${USED_MIB:-null},\"integrity\":\"$INTEGRITY\""
     MIGRATION_JSON="$MIGRATION_JSON,\"hints\":$(sed 's/.*"hints":\({[^}]*}\).*/\1/' "$REPORT"),\"report\":$(cat "$REPORT")"
     echo "lab-l1: $1 -> $2: $(cat "$REPORT")"
+    grep -h "restored\|state of" "$W/$2.err" | sed "s/^/lab-l1: $2: /"
     [ "$INTEGRITY" = ok ] || { fail "$1 -> $2: the guest did not verify its memory after the migration"; return 1; }
 }
 

@@ -145,6 +145,10 @@ pub struct DowntimeBreakdown {
     pub last_round_ms: f64,
     /// Saving the vCPU, irqchip and device state, sending it and the destination restoring it.
     pub state_ms: f64,
+    /// The part of `state_ms` spent saving the state here (the rest is the transfer and the
+    /// destination's restore, whose steps the destination logs).
+    #[serde(default)]
+    pub snapshot_ms: f64,
     /// Complete: the destination resuming the guest and acknowledging it.
     pub complete_ms: f64,
     /// Pages in the last round (sent or found zero) while the VM was paused.

@@ -354,18 +354,30 @@ impl Vm {
                 "balloon present on one side only".into(),
             ));
         }
+        let started = std::time::Instant::now();
         // 1. Interrupt controllers, PIT and clock; then each vCPU, its local APIC included.
         self.vm
             .set_state(&snapshot.vm)
             .map_err(VmError::Hypervisor)?;
+        let vm_state = started.elapsed();
         self.vcpus.restore(&snapshot.vcpus).map_err(VmError::Vcpu)?;
+        let vcpus = started.elapsed();
         // 2. Devices: whatever they raise from here on is kept until the guest takes it.
         self.restore_devices(snapshot)?;
+        let devices = started.elapsed();
         // 3. vCPU threads, parked until `resume`.
         self.vcpus
             .start(self.handlers(), self.exit_sink.clone(), true, self.seccomp)
             .map_err(VmError::Vcpu)?;
         self.state = VmState::Paused;
+        log::info!(
+            "restored in {:?}: irqchip and clock {:?}, vCPUs {:?}, devices {:?}, vCPU threads {:?}",
+            started.elapsed(),
+            vm_state,
+            vcpus - vm_state,
+            devices - vcpus,
+            started.elapsed() - devices
+        );
         Ok(())
     }
 

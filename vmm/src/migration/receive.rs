@@ -411,15 +411,22 @@ impl Receiver<'_> {
                 if let Some(stripes) = self.stripes.take() {
                     stripes.finish()?;
                 }
+                let started = std::time::Instant::now();
                 let payload =
                     protocol::read_payload(stream, header).map_err(MigrationError::Protocol)?;
                 let snapshot = decode_state(&payload)?;
+                let decoded = started.elapsed();
                 self.ensure_vm()?;
                 let vm = self
                     .vm
                     .as_mut()
                     .ok_or(MigrationError::Unexpected("State"))?;
                 vm.restore(&snapshot).map_err(MigrationError::Vm)?;
+                log::info!(
+                    "state of {} bytes read and decoded in {decoded:?}, restored {:?} later",
+                    payload.len(),
+                    started.elapsed() - decoded
+                );
                 Ok(Next::Continue)
             }
             Command::Complete => {
@@ -478,6 +485,7 @@ impl Receiver<'_> {
         config: VmConfig,
         mem: Option<Arc<memory::GuestMemoryMmap>>,
     ) -> Result<(), MigrationError> {
+        let started = std::time::Instant::now();
         let vm = match mem {
             Some(mem) => Vm::with_memory(
                 config,
@@ -509,6 +517,7 @@ impl Receiver<'_> {
         self.ram =
             Some(RamRegions::from_guest_memory(vm.memory().as_ref()).map_err(MigrationError::Ram)?);
         self.vm = Some(vm);
+        log::info!("VM built for the incoming guest in {:?}", started.elapsed());
         Ok(())
     }
 }

@@ -215,6 +215,7 @@ impl Sender<'_, '_> {
         self.check_cancel()?;
         let snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
         let state = serde_json::to_vec(&snapshot).map_err(|e| MigrationError::Json("state", e))?;
+        self.report.downtime_breakdown.snapshot_ms = duration_ms(pause_at.elapsed());
         self.request(Command::State, &state)?;
         self.report.downtime_breakdown.state_ms = duration_ms(pause_at.elapsed());
         // The point of no return: from here on the destination may run the guest.
