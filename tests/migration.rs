@@ -791,3 +791,46 @@ fn a_hint_round_cut_by_the_time_limit_is_counted_incomplete() {
     assert_eq!(c["balloon"]["hint_rounds_incomplete"], 1, "{c}");
     check_moved(src, dst);
 }
+
+/// A VM its user paused is migrated too (as QEMU does), without asking its driver for hints,
+/// and stays paused where it lands until resumed there; a failed migration leaves it paused.
+#[test]
+fn a_paused_vm_migrates_and_stays_paused() {
+    let (src, dst) = pair("mig-paused", "1G", "used=64 hot=4", &[BALLOON, HINTING]);
+    assert!(src.remote(&["pause"]).status.success());
+    let seq = src.last_seq().unwrap_or(0);
+
+    // Nobody listens: the migration fails and the VM is still paused, not resumed.
+    let nowhere = format!("unix:{}", dst.scratch.path("nowhere.sock").display());
+    let failed = src.remote(&["send-migration", &format!("destination_url={nowhere}")]);
+    assert!(!failed.status.success());
+    let state = |vmm: &Vmm| -> serde_json::Value {
+        let info = vmm.remote(&["info"]);
+        serde_json::from_slice::<serde_json::Value>(&info.stdout).expect("info JSON")["state"]
+            .clone()
+    };
+    assert_eq!(state(&src), "Paused");
+
+    let url = format!("unix:{}", dst.scratch.path("mig.sock").display());
+    let (sent, received) = migrate(&src, &dst, &url, &format!("destination_url={url}"));
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    let r = report(&sent);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["hints"]["used"], false, "{r}");
+    assert_eq!(
+        r["hints"]["reason"], "the VM is paused, so its driver cannot answer",
+        "{r}"
+    );
+    assert_eq!(state(&dst), "Paused");
+    // Paused means paused: the guest does not run on the destination until resumed there.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(src.last_seq().unwrap_or(0), seq, "the guest ran while paused");
+    assert!(dst.remote(&["resume"]).status.success());
+    // (The destination writes on to the source's serial log.)
+    src.wait_seq_above(seq, Duration::from_secs(20));
+    check_moved(src, dst);
+}

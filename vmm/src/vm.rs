@@ -86,6 +86,9 @@ pub struct VmSnapshot {
     /// The virtio-balloon's PCI function and device state, if the VM has one.
     #[serde(default)]
     pub balloon: Option<VirtioPciState<BalloonState>>,
+    /// The user had paused the VM before it was migrated: it stays paused where it lands.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// What the VM reports about itself for `vm.info`.
@@ -327,7 +330,12 @@ impl Vm {
         let vcpus = self.vcpus.states().map_err(VmError::Vcpu)?;
         let vm = self.vm.state().map_err(VmError::Hypervisor)?;
         let balloon = self.devices.balloon.as_ref().map(|b| lock(&b.pci).state());
-        Ok(VmSnapshot { vm, vcpus, balloon })
+        Ok(VmSnapshot {
+            vm,
+            vcpus,
+            balloon,
+            paused: false,
+        })
     }
 
     /// Loads a snapshot into a VM that was built but never booted, and starts its vCPUs paused:

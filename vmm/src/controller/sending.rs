@@ -52,11 +52,11 @@ impl Vmm {
             Ok(vm) => vm,
             Err(e) => return Err(e).into(),
         };
-        if vm.state() != VmState::Running {
-            return Err(ApiError::internal(
-                "migration failed",
-                MigrationError::NotRunning,
-            ))
+        if !matches!(vm.state(), VmState::Running | VmState::Paused) {
+            return Err(ApiError::InvalidState(format!(
+                "the VM is {:?}: only a running or paused VM can be migrated",
+                vm.state()
+            )))
             .into();
         }
         let remote = VmRemote::new(

@@ -63,6 +63,9 @@ pub enum HintsUnavailable {
     /// The driver did not enable the free page queue.
     #[error("hint queue not enabled")]
     QueueNotEnabled,
+    /// The user paused the VM: its driver cannot answer a round.
+    #[error("the VM is paused, so its driver cannot answer")]
+    VmPaused,
     /// Local migration hands memory over: there is nothing to leave out.
     #[error("not needed in local mode")]
     LocalMode,

@@ -255,6 +255,8 @@ struct Receiver<'c> {
     tls: Option<TlsServer>,
     /// The added connections and their threads.
     stripes: Option<ReceiveStripes>,
+    /// The source's guest was paused by its user: Complete leaves it paused.
+    stay_paused: bool,
 }
 
 /// Waits for one migration on `listener` and returns the running VM.
@@ -285,6 +287,7 @@ fn receive_migration(
         listener: Some(listener),
         tls,
         stripes: None,
+        stay_paused: false,
     };
     let result = receiver.serve(&mut stream);
     *lock(&control.stream) = None;
@@ -422,6 +425,7 @@ impl Receiver<'_> {
                     .as_mut()
                     .ok_or(MigrationError::Unexpected("State"))?;
                 vm.restore(&snapshot).map_err(MigrationError::Vm)?;
+                self.stay_paused = snapshot.paused;
                 log::info!(
                     "state of {} bytes read and decoded in {decoded:?}, restored {:?} later",
                     payload.len(),
@@ -437,7 +441,11 @@ impl Receiver<'_> {
                 if vm.config().memory.thp {
                     memory::advise_huge_pages(vm.memory());
                 }
-                vm.resume().map_err(MigrationError::Vm)?;
+                if self.stay_paused {
+                    log::info!("the guest was paused on the source: it stays paused here");
+                } else {
+                    vm.resume().map_err(MigrationError::Vm)?;
+                }
                 Ok(Next::Done)
             }
             Command::Abandon => Err(MigrationError::Abandoned),

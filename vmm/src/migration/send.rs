@@ -56,9 +56,12 @@ pub fn send_migration_with(
     hinter: Option<&dyn FreePageHinter>,
     progress: &MigrationProgress,
 ) -> Result<MigrationReport, MigrationError> {
-    if vm.state() != VmState::Running {
-        return Err(MigrationError::NotRunning);
-    }
+    // A VM the user paused is migrated too, and stays paused over there (as with QEMU).
+    let user_paused = match vm.state() {
+        VmState::Running => false,
+        VmState::Paused => true,
+        _ => return Err(MigrationError::NotRunning),
+    };
     let start = Instant::now();
     let url: MigrationUrl = data.destination_url.parse().map_err(MigrationError::Url)?;
     if data.local {
@@ -84,6 +87,7 @@ pub fn send_migration_with(
         bandwidth: INITIAL_BANDWIDTH,
         logging: false,
         paused: false,
+        user_paused,
         hints_held: false,
         hinter,
         url,
@@ -130,7 +134,11 @@ struct Sender<'a, 'h> {
     /// Measured by the last round, bytes per second.
     bandwidth: f64,
     logging: bool,
+    /// This migration paused the VM (a failed one resumes it).
     paused: bool,
+    /// The user had paused the VM before: it is neither paused nor resumed here, and the
+    /// destination keeps it paused.
+    user_paused: bool,
     /// The guest's driver may hold hinted blocks until it hears DONE.
     hints_held: bool,
     hinter: Option<&'h dyn FreePageHinter>,
@@ -213,7 +221,8 @@ impl Sender<'_, '_> {
         // resumed over there from whatever state its vCPUs were left in (checked with the
         // cancel).
         self.check_cancel()?;
-        let snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
+        let mut snapshot = self.vm.snapshot().map_err(MigrationError::Vm)?;
+        snapshot.paused = self.user_paused;
         let state = serde_json::to_vec(&snapshot).map_err(|e| MigrationError::Json("state", e))?;
         self.report.downtime_breakdown.snapshot_ms = duration_ms(pause_at.elapsed());
         self.request(Command::State, &state)?;
@@ -247,6 +256,9 @@ impl Sender<'_, '_> {
     }
 
     fn pause(&mut self) -> Result<(), MigrationError> {
+        if self.user_paused {
+            return Ok(());
+        }
         self.vm.pause().map_err(MigrationError::Vm)?;
         self.paused = true;
         Ok(())
@@ -297,6 +309,7 @@ impl Sender<'_, '_> {
         let hinter = match self.hinter {
             _ if !data.free_page_hints => Err(HintsUnavailable::DisabledByRequest),
             None => Err(HintsUnavailable::NoBalloon),
+            Some(_) if self.user_paused => Err(HintsUnavailable::VmPaused),
             Some(h) => Ok(h),
         };
         if hinter.is_ok() {
