@@ -828,7 +828,11 @@ fn a_paused_vm_migrates_and_stays_paused() {
     assert_eq!(state(&dst), "Paused");
     // Paused means paused: the guest does not run on the destination until resumed there.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(src.last_seq().unwrap_or(0), seq, "the guest ran while paused");
+    assert_eq!(
+        src.last_seq().unwrap_or(0),
+        seq,
+        "the guest ran while paused"
+    );
     assert!(dst.remote(&["resume"]).status.success());
     // (The destination writes on to the source's serial log.)
     src.wait_seq_above(seq, Duration::from_secs(20));

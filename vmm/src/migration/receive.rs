@@ -36,7 +36,7 @@ use crate::memory;
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::ExitSink;
 use crate::vm::lock;
-use crate::vm::Vm;
+use crate::vm::{Vm, VmError};
 
 /// How long any single read or write may block once the source is connected.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -249,7 +249,13 @@ struct Receiver<'c> {
     control: &'c ReceiveControl,
     config: Option<VmConfig>,
     vm: Option<Vm>,
+    /// The guest's memory, there before the VM (pages are received into it while
+    /// `builder` sets up the VM around it).
+    memory: Option<Arc<memory::GuestMemoryMmap>>,
     ram: Option<RamRegions>,
+    /// The VM being built on its own thread (KVM's memory slot setup grows with RAM size:
+    /// about 0.1-1.7 s at 256 GiB here), joined when the state arrives.
+    builder: Option<JoinHandle<Result<Vm, VmError>>>,
     /// Kept until the source has said whether more connections come (`connections=<n>`).
     listener: Option<MigrationListener>,
     tls: Option<TlsServer>,
@@ -283,7 +289,9 @@ fn receive_migration(
         control,
         config: None,
         vm: None,
+        memory: None,
         ram: None,
+        builder: None,
         listener: Some(listener),
         tls,
         stripes: None,
@@ -316,7 +324,7 @@ impl Receiver<'_> {
                     }
                     if let Next::BuildVm = next {
                         // A failure here is reported when the first Memory request tries again.
-                        if let Err(e) = self.ensure_vm() {
+                        if let Err(e) = self.start_build() {
                             log::warn!("cannot build the VM yet: {}", crate::api::error_chain(&e));
                         }
                     }
@@ -383,7 +391,7 @@ impl Receiver<'_> {
                     .ok_or(MigrationError::LocalNeedsUnixSocket)?;
                 let regions = protocol::receive_memory_fds(socket, header)
                     .map_err(MigrationError::Protocol)?;
-                if self.vm.is_some() {
+                if self.memory.is_some() {
                     return Err(MigrationError::Unexpected("MemoryFd after memory"));
                 }
                 let config = self
@@ -392,15 +400,15 @@ impl Receiver<'_> {
                     .ok_or(MigrationError::Unexpected("MemoryFd before Config"))?;
                 let mem = memory::guest_memory_from_files(regions, &config.memory)
                     .map_err(|e| MigrationError::Vm(crate::vm::VmError::Memory(e)))?;
-                self.build_vm(config, Some(mem))?;
+                self.build_vm(config, mem)?;
                 Ok(Next::Continue)
             }
             Command::Memory => {
-                self.ensure_vm()?;
-                let (Some(vm), Some(ram)) = (&self.vm, &self.ram) else {
+                self.ensure_memory()?;
+                let (Some(mem), Some(ram)) = (&self.memory, &self.ram) else {
                     return Err(MigrationError::Unexpected("Memory"));
                 };
-                let table = receive_memory(vm.memory().as_ref(), ram, header, stream)
+                let table = receive_memory(mem.as_ref(), ram, header, stream)
                     .map_err(MigrationError::Memory)?;
                 self.control.rounds.fetch_add(1, Ordering::Relaxed);
                 self.control
@@ -452,22 +460,22 @@ impl Receiver<'_> {
         }
     }
 
-    /// `connections=<n>`: builds the VM (its memory is written from every connection), then
+    /// `connections=<n>`: makes the guest's memory (written from every connection), then
     /// accepts and starts the added connections on the listener.
     fn accept_stripes(&mut self, payload: &[u8]) -> Result<(), MigrationError> {
         let request = ConnectionsRequest::from_bytes(payload).map_err(MigrationError::Stripe)?;
-        self.ensure_vm()?;
+        self.ensure_memory()?;
         let listener = self
             .listener
             .take()
             .ok_or(MigrationError::Unexpected("second Connections"))?;
-        let (Some(vm), Some(ram)) = (&self.vm, &self.ram) else {
+        let (Some(memory), Some(ram)) = (&self.memory, &self.ram) else {
             return Err(MigrationError::Unexpected("Connections"));
         };
         let context = StripeContext {
             listener: &listener,
             tls: self.tls.as_ref(),
-            memory: vm.memory(),
+            memory,
             ram,
             seccomp: self.context.seccomp,
         };
@@ -477,55 +485,98 @@ impl Receiver<'_> {
         Ok(())
     }
 
-    fn ensure_vm(&mut self) -> Result<(), MigrationError> {
-        if self.vm.is_none() {
-            let config = self
-                .config
-                .clone()
-                .ok_or(MigrationError::Unexpected("memory or state before Config"))?;
-            self.build_vm(config, None)?;
+    /// Makes the guest's memory and starts building the VM around it on its own thread,
+    /// unless that was done already.
+    fn start_build(&mut self) -> Result<(), MigrationError> {
+        if self.memory.is_some() {
+            return Ok(());
         }
+        let config = self
+            .config
+            .clone()
+            .ok_or(MigrationError::Unexpected("memory or state before Config"))?;
+        // Fill RAM with 4 KiB pages: huge page faults stall on compaction whenever host
+        // memory is fragmented, which made receiving up to ten times slower here.
+        // Huge pages are advised once the guest's memory has arrived.
+        let receive_config = crate::config::MemoryConfig {
+            thp: false,
+            ..config.memory.clone()
+        };
+        let mem = memory::create_guest_memory(&receive_config)
+            .map_err(|e| MigrationError::Vm(VmError::Memory(e)))?;
+        self.set_memory(mem.clone())?;
+        let hypervisor = self.context.hypervisor.clone();
+        let exit_sink = self.context.exit_sink.clone();
+        let seccomp = self.context.seccomp;
+        // The thread starts under this thread's filter, which allows building a VM.
+        let builder = std::thread::Builder::new()
+            .name("vm-build".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let vm = Vm::with_memory(config, mem, hypervisor.as_ref(), exit_sink, seccomp);
+                log::info!("VM built for the incoming guest in {:?}", started.elapsed());
+                vm
+            })
+            .map_err(MigrationError::Spawn)?;
+        self.builder = Some(builder);
         Ok(())
     }
 
+    /// The guest's memory, made now if Config came but the build has not started.
+    fn ensure_memory(&mut self) -> Result<(), MigrationError> {
+        self.start_build()
+    }
+
+    /// The VM, waiting for its build (or building it now).
+    fn ensure_vm(&mut self) -> Result<(), MigrationError> {
+        if self.vm.is_some() {
+            return Ok(());
+        }
+        self.start_build()?;
+        let builder = self
+            .builder
+            .take()
+            .ok_or(MigrationError::Unexpected("no VM being built"))?;
+        let vm = builder
+            .join()
+            .map_err(|_| MigrationError::Unexpected("the VM build panicked"))?
+            .map_err(MigrationError::Vm)?;
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    /// Local mode: the VM is built at once around the source's memory files.
     fn build_vm(
         &mut self,
         config: VmConfig,
-        mem: Option<Arc<memory::GuestMemoryMmap>>,
+        mem: Arc<memory::GuestMemoryMmap>,
     ) -> Result<(), MigrationError> {
-        let started = std::time::Instant::now();
-        let vm = match mem {
-            Some(mem) => Vm::with_memory(
-                config,
-                mem,
-                self.context.hypervisor.as_ref(),
-                self.context.exit_sink.clone(),
-                self.context.seccomp,
-            ),
-            None => {
-                // Fill RAM with 4 KiB pages: huge page faults stall on compaction whenever host
-                // memory is fragmented, which made receiving up to ten times slower here.
-                // Huge pages are advised once the guest's memory has arrived.
-                let receive_config = crate::config::MemoryConfig {
-                    thp: false,
-                    ..config.memory.clone()
-                };
-                let mem = memory::create_guest_memory(&receive_config)
-                    .map_err(|e| MigrationError::Vm(crate::vm::VmError::Memory(e)))?;
-                Vm::with_memory(
-                    config,
-                    mem,
-                    self.context.hypervisor.as_ref(),
-                    self.context.exit_sink.clone(),
-                    self.context.seccomp,
-                )
-            }
-        }
+        self.set_memory(mem.clone())?;
+        let vm = Vm::with_memory(
+            config,
+            mem,
+            self.context.hypervisor.as_ref(),
+            self.context.exit_sink.clone(),
+            self.context.seccomp,
+        )
         .map_err(MigrationError::Vm)?;
-        self.ram =
-            Some(RamRegions::from_guest_memory(vm.memory().as_ref()).map_err(MigrationError::Ram)?);
         self.vm = Some(vm);
-        log::info!("VM built for the incoming guest in {:?}", started.elapsed());
         Ok(())
+    }
+
+    fn set_memory(&mut self, mem: Arc<memory::GuestMemoryMmap>) -> Result<(), MigrationError> {
+        self.ram = Some(RamRegions::from_guest_memory(mem.as_ref()).map_err(MigrationError::Ram)?);
+        self.memory = Some(mem);
+        Ok(())
+    }
+}
+
+impl Drop for Receiver<'_> {
+    /// A migration that ends before its VM was taken waits for the build, so no VM is still
+    /// being set up after the migration was reported over.
+    fn drop(&mut self) {
+        if let Some(builder) = self.builder.take() {
+            let _ = builder.join();
+        }
     }
 }
