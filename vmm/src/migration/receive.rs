@@ -254,7 +254,7 @@ struct Receiver<'c> {
     memory: Option<Arc<memory::GuestMemoryMmap>>,
     ram: Option<RamRegions>,
     /// The VM being built on its own thread (KVM's memory slot setup grows with RAM size:
-    /// about 0.1-1.7 s at 256 GiB here), joined when the state arrives.
+    /// about 0.1-1.7 s at 256 GiB here), joined before the first round is acknowledged.
     builder: Option<JoinHandle<Result<Vm, VmError>>>,
     /// Kept until the source has said whether more connections come (`connections=<n>`).
     listener: Option<MigrationListener>,
@@ -410,6 +410,10 @@ impl Receiver<'_> {
                 };
                 let table = receive_memory(mem.as_ref(), ram, header, stream)
                     .map_err(MigrationError::Memory)?;
+                // The round was received while the VM was being built; it is acknowledged
+                // once the VM is there, so that the wait falls in round 0, never in the
+                // downtime (the source pauses only after a round's acknowledgement).
+                self.ensure_vm()?;
                 self.control.rounds.fetch_add(1, Ordering::Relaxed);
                 self.control
                     .pages
