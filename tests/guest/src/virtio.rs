@@ -289,9 +289,16 @@ impl Queue {
         true
     }
 
-    /// Tells the device about new buffers.
+    /// Tells the device about new buffers, unless it said it is taking them anyway
+    /// (VRING_USED_F_NO_NOTIFY in the used ring's flags, read after the avail index was
+    /// published, as the virtio spec's split-ring algorithm has it).
     pub fn kick(&self) {
         fence(Ordering::SeqCst);
+        // SAFETY: the used ring's flags, in the queue memory we allocated.
+        let flags = unsafe { core::ptr::read_volatile(self.used as *const u16) };
+        if flags & 1 != 0 {
+            return;
+        }
         // SAFETY: the queue's notify address in the mapped notify BAR.
         unsafe { mmio_write16(self.notify, self.index) };
     }

@@ -24,6 +24,8 @@ use crate::virtio::VirtioQueue;
 use crate::GuestMemoryMmap;
 
 const CONTROL_TOKEN: u64 = u64::MAX;
+/// Rings' worth of buffers taken from one queue before the others get a turn.
+const MAX_BATCHES: u32 = 16;
 /// Guest buffers are read in pieces of this size (a multiple of 4 and of 16).
 const CHUNK: usize = 4096;
 /// The statistics buffer is small; anything beyond this is ignored.
@@ -238,10 +240,56 @@ impl BalloonWorker {
             self.broken_queue(i, "available index moved by more than the queue size");
             return Ok(());
         }
+        // While the queue is drained the driver need not kick (VRING_USED_F_NO_NOTIFY): a stock
+        // driver hinting a big guest would otherwise exit once per 4 MiB block.
+        if q.disable_notification(mem.as_ref()).is_err() {
+            drop(q);
+            self.broken_queue(i, "used ring flags unwritable");
+            return Ok(());
+        }
         let mut used = false;
-        // One ring's worth per batch; more work raises another notification.
+        let mut batches = 0;
+        loop {
+            used |= self.drain_batch(kind, &mut q, mem.as_ref());
+            if kind == QueueKind::FreePage {
+                lock(&self.shared.hints).flush();
+            }
+            batches += 1;
+            // Notifications back on; buffers that came meanwhile are taken now.
+            match q.enable_notification(mem.as_ref()) {
+                Ok(false) => break,
+                Ok(true) if batches < MAX_BATCHES => {
+                    if q.disable_notification(mem.as_ref()).is_err() {
+                        drop(q);
+                        self.broken_queue(i, "used ring flags unwritable");
+                        return Ok(());
+                    }
+                }
+                Ok(true) => {
+                    // Other queues get their turn; this one is looked at again at once.
+                    if let Err(e) = vq.event.write(1) {
+                        warn!("balloon: cannot re-arm queue {i}: {e}");
+                    }
+                    break;
+                }
+                Err(_) => {
+                    drop(q);
+                    self.broken_queue(i, "available ring unreadable");
+                    return Ok(());
+                }
+            }
+        }
+        if used {
+            self.notify(&mut q, vq.index);
+        }
+        Ok(())
+    }
+
+    /// Takes up to one ring's worth of buffers; true if any was used.
+    fn drain_batch(&mut self, kind: QueueKind, q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
         for _ in 0..q.size() {
-            let Some(chain) = q.pop_descriptor_chain(mem.as_ref()) else {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -255,23 +303,17 @@ impl BalloonWorker {
                     self.stats(&descs);
                     match lock(&self.shared.stats_head).replace(head) {
                         // The driver sent a second buffer: give the older one back.
-                        Some(old) => self.add_used(&mut q, old),
+                        Some(old) => self.add_used(q, old),
                         None => continue,
                     }
                     used = true;
                     continue;
                 }
             }
-            self.add_used(&mut q, head);
+            self.add_used(q, head);
             used = true;
         }
-        if kind == QueueKind::FreePage {
-            lock(&self.shared.hints).flush();
-        }
-        if used {
-            self.notify(&mut q, vq.index);
-        }
-        Ok(())
+        used
     }
 
     fn add_used(&self, q: &mut Queue, head: u16) {
