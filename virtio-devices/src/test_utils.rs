@@ -189,6 +189,11 @@ impl TestQueue {
         head
     }
 
+    /// The used ring's flags (bit 0: VRING_USED_F_NO_NOTIFY, the device needs no kick).
+    pub fn used_flags(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(self.used)).unwrap()
+    }
+
     /// The used ring index.
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()

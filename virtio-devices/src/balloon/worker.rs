@@ -638,6 +638,38 @@ mod tests {
     }
 
     #[test]
+    fn notifications_are_back_on_after_every_drain() {
+        // The device turns kicks off while it drains a queue; if it left them off, a driver
+        // that honours VRING_USED_F_NO_NOTIFY would never kick again and hints would stall.
+        let mem = guest_memory(512 << 20);
+        let (balloon, mut worker, mut fpq) = ranges_balloon(&mem, 16);
+        let round = balloon.handle().start_hint_round().unwrap();
+        fpq.add_chain(&[out(&mem, BUF - 8, &round.cmd_id().to_le_bytes())]);
+        for i in 0..40u64 {
+            // A full ring at times, one buffer at others.
+            let n = if i % 4 == 0 { 15 } else { 1 };
+            for j in 0..n {
+                let range = [
+                    (32 * MIB + (i * 16 + j) * 4096).to_le_bytes(),
+                    4096u64.to_le_bytes(),
+                ];
+                fpq.add_chain(&[out(&mem, BUF + j * 4096, &range.concat())]);
+            }
+            worker.process_all();
+            assert_eq!(fpq.used_flags() & 1, 0, "kicks left off after drain {i}");
+            assert_eq!(
+                fpq.used_idx(),
+                fpq_avail(&mem, &fpq),
+                "drain {i} took everything"
+            );
+        }
+    }
+
+    fn fpq_avail(mem: &GuestMemoryMmap, q: &TestQueue) -> u16 {
+        mem.read_obj(GuestAddress(q.avail + 2)).unwrap()
+    }
+
+    #[test]
     fn a_round_the_host_stops_is_counted_incomplete() {
         let mem = guest_memory(64 << 20);
         let (balloon, mut worker, mut fpq) = ranges_balloon(&mem, 16);
