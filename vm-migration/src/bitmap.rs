@@ -222,8 +222,13 @@ impl DirtyBitmap {
                 actual: words.len(),
             });
         }
+        // Only words with a page set are written: the untouched pages of a big fresh bitmap
+        // then stay unbacked (writing all 8 MiB of a 256 GiB guest's bitmap, each page a
+        // copy-on-write fault and a TLB flush, took 40-90 ms per dirty round).
         for (w, o) in self.words.iter_mut().zip(words) {
-            *w |= o;
+            if *o != 0 {
+                *w |= o;
+            }
         }
         self.clear_tail();
         Ok(())
