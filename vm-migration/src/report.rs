@@ -164,9 +164,10 @@ pub struct DowntimeBreakdown {
 /// report: what `total_ms` is made of).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PhaseTimes {
-    /// Connecting, Start and Config.
+    /// Connecting, Start and Config (and the added connections).
     pub setup_ms: f64,
-    /// Turning dirty logging on.
+    /// Turning dirty logging on (between Start and Config, so that it does not compete with
+    /// the destination setting up its VM).
     pub dirty_log_start_ms: f64,
     /// The hint round, from the request to its end (as `hints.wait_ms`).
     pub hints_ms: f64,

@@ -186,8 +186,11 @@ impl Vm {
     ) -> Result<Self, VmError> {
         let guest_end = GuestEnd::default();
         let exit_sink = guest_end.wrap(exit_sink);
+        let started = std::time::Instant::now();
         let vm = hypervisor.create_vm().map_err(VmError::Create)?;
+        let created = started.elapsed();
         memory::register_slots(vm.as_ref(), &memory, false).map_err(VmError::Memory)?;
+        let slots = started.elapsed();
         vm.create_irqchip().map_err(VmError::Hypervisor)?;
         let interrupts = Arc::new(InterruptManager::new(vm.clone()).map_err(VmError::Hypervisor)?);
         let event_sink = exit_sink.clone();
@@ -217,6 +220,12 @@ impl Vm {
             vcpu.setup_lint().map_err(|e| VmError::VcpuSetup(id, e))?;
             vcpus.push(vcpu);
         }
+        log::debug!(
+            "VM set up in {:?}: KVM VM {created:?}, memory slots {:?}, devices and vCPUs {:?}",
+            started.elapsed(),
+            slots - created,
+            started.elapsed() - slots
+        );
         Ok(Vm {
             config,
             vm,
