@@ -404,7 +404,7 @@ impl Receiver<'_> {
                 Ok(Next::Continue)
             }
             Command::Memory => {
-                self.ensure_memory()?;
+                self.start_build()?;
                 let (Some(mem), Some(ram)) = (&self.memory, &self.ram) else {
                     return Err(MigrationError::Unexpected("Memory"));
                 };
@@ -468,7 +468,7 @@ impl Receiver<'_> {
     /// accepts and starts the added connections on the listener.
     fn accept_stripes(&mut self, payload: &[u8]) -> Result<(), MigrationError> {
         let request = ConnectionsRequest::from_bytes(payload).map_err(MigrationError::Stripe)?;
-        self.ensure_memory()?;
+        self.start_build()?;
         let listener = self
             .listener
             .take()
@@ -490,7 +490,7 @@ impl Receiver<'_> {
     }
 
     /// Makes the guest's memory and starts building the VM around it on its own thread,
-    /// unless that was done already.
+    /// unless that was done already (so it also serves to make sure the memory is there).
     fn start_build(&mut self) -> Result<(), MigrationError> {
         if self.memory.is_some() {
             return Ok(());
@@ -524,11 +524,6 @@ impl Receiver<'_> {
             .map_err(MigrationError::Spawn)?;
         self.builder = Some(builder);
         Ok(())
-    }
-
-    /// The guest's memory, made now if Config came but the build has not started.
-    fn ensure_memory(&mut self) -> Result<(), MigrationError> {
-        self.start_build()
     }
 
     /// The VM, waiting for its build (or building it now).
