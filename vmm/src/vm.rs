@@ -220,7 +220,7 @@ impl Vm {
             vcpu.setup_lint().map_err(|e| VmError::VcpuSetup(id, e))?;
             vcpus.push(vcpu);
         }
-        log::debug!(
+        log::info!(
             "VM set up in {:?}: KVM VM {created:?}, memory slots {:?}, devices and vCPUs {:?}",
             started.elapsed(),
             slots - created,
