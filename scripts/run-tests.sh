@@ -21,6 +21,9 @@ echo "== test guest: host unit tests (tests/guest/guest-core)"
 echo "== Linux guest workload: host unit tests (tests/linux-workload)"
 (cd tests/linux-workload && cargo test --locked --quiet)
 
+echo "== fuzz targets and seed maker: still build against the crates (scripts/fuzz.sh runs them)"
+(cd fuzz && cargo check --all-targets --quiet)
+
 echo "== workspace: unit and end-to-end tests"
 # End-to-end tests boot real guests; two at a time is what a 2-core machine takes.
 cargo test --workspace --quiet -- --test-threads=2

@@ -67,6 +67,7 @@ fn snapshot(balloon: bool) -> Vec<u8> {
         vm: vm.state().expect("VM state"),
         vcpus: vec![vcpu.state().expect("vCPU state")],
         balloon,
+        paused: false,
     };
     serde_json::to_vec(&snap).expect("serializes")
 }
