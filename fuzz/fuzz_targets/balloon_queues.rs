@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use libfuzzer_sys::fuzz_target;
 use virtio_devices::balloon::fuzzing::BalloonQueueDriver;
 use virtio_devices::balloon::{queue_layout, QueueKind};
+use virtio_devices::test_utils::TestQueue;
 use virtio_devices::{Balloon, BalloonConfig, HintRound, VirtioDevice, VirtioQueue};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_fuzz::{guest_memory, CountingInterrupt, DriverQueue, FuzzInput};
+use vmm_fuzz::{guest_memory, CountingInterrupt, FuzzInput};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const RAM_SIZE: u64 = 16 << 20;
@@ -44,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
     balloon.ack_features(wanted & offered);
     let acked = wanted & offered;
     let mem = guest_memory(&[(0, RAM_SIZE as usize)]);
-    let mut drivers: Vec<(QueueKind, DriverQueue)> = Vec::new();
+    let mut drivers: Vec<(QueueKind, TestQueue)> = Vec::new();
     let mut vqs = Vec::new();
     for (i, kind) in queue_layout(acked).into_iter().enumerate() {
         if enabled & (1 << i) == 0 {
@@ -55,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         } else {
             64
         };
-        let dq = DriverQueue::new(RINGS + 0x1_0000 * i as u64, size);
+        let dq = TestQueue::new(&mem, RINGS + 0x1_0000 * i as u64, size);
         vqs.push(VirtioQueue {
             index: i as u16,
             queue: Arc::new(Mutex::new(dq.queue())),
@@ -92,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
                 let addr = SCRATCH + cursor;
                 let _ = mem.write_slice(&bytes, GuestAddress(addr));
                 cursor = (cursor + len + 15) & !15;
-                drivers[q].1.add_chain(&mem, &[(addr, len as u32, write)]);
+                drivers[q].1.add_chain(&[(addr, len as u32, write)]);
                 offered_bufs[q] += 1;
             }
             // A well-formed chain of arbitrary buffers.
@@ -113,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 };
                 if !bufs.is_empty() {
-                    drivers[q].1.add_chain(&mem, &bufs);
+                    drivers[q].1.add_chain(&bufs);
                     offered_bufs[q] += 1;
                 }
             }
@@ -125,7 +126,7 @@ fuzz_target!(|data: &[u8]| {
                 let Some(q) = pick(queue, drivers.len()) else {
                     continue;
                 };
-                drivers[q].1.write_desc(&mem, index, addr, len, flags, next);
+                drivers[q].1.write_desc(index, addr, len, flags, next);
             }
             // A raw head in the available ring.
             3 => {
@@ -134,7 +135,7 @@ fuzz_target!(|data: &[u8]| {
                 let Some(q) = pick(queue, drivers.len()) else {
                     continue;
                 };
-                drivers[q].1.publish(&mem, head);
+                drivers[q].1.publish(head);
                 offered_bufs[q] += 1;
             }
             // A raw available index.
@@ -144,7 +145,7 @@ fuzz_target!(|data: &[u8]| {
                 let Some(q) = pick(queue, drivers.len()) else {
                     continue;
                 };
-                drivers[q].1.set_avail_idx(&mem, idx);
+                drivers[q].1.set_avail_idx(idx);
                 offered_bufs[q] = u32::MAX / 2;
             }
             // Bytes into the scratch area.
@@ -197,7 +198,7 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 };
                 let len = u32::try_from(pages << 12).unwrap_or(u32::MAX);
-                drivers[q].1.add_chain(&mem, &[(page << 12, len, write)]);
+                drivers[q].1.add_chain(&[(page << 12, len, write)]);
                 offered_bufs[q] += 1;
             }
         }
@@ -216,7 +217,7 @@ fuzz_target!(|data: &[u8]| {
     }
     dev.process_all();
     for ((_, dq), offered) in drivers.iter().zip(&offered_bufs) {
-        let used = u32::from(dq.used_idx(&mem));
+        let used = u32::from(dq.used_idx());
         assert!(
             *offered >= u32::from(u16::MAX) || used <= *offered,
             "{used} buffers used of {offered} offered"

@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex};
 use virtio_devices::{
     GuestMemoryMmap, InterruptError, MsiMessage, MsiVectors, VirtioInterrupt, VirtioInterruptType,
 };
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 
 /// Guest RAM: one region per `(start, size)`.
 pub fn guest_memory(regions: &[(u64, usize)]) -> Arc<GuestMemoryMmap> {
@@ -55,115 +54,6 @@ impl VirtioInterrupt for CountingInterrupt {
     }
 
     fn signal_needs_reset(&self) {}
-}
-
-/// The driver side of a split virtqueue in guest memory.
-pub struct DriverQueue {
-    /// Queue size.
-    pub size: u16,
-    /// Descriptor table address.
-    pub desc: u64,
-    /// Available ring address.
-    pub avail: u64,
-    /// Used ring address.
-    pub used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-}
-
-impl DriverQueue {
-    /// Rings at `base` (16-byte aligned), `size` entries.
-    pub fn new(base: u64, size: u16) -> Self {
-        let desc = base;
-        let avail = desc + 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        DriverQueue {
-            size,
-            desc,
-            avail,
-            used,
-            next_desc: 0,
-            avail_idx: 0,
-        }
-    }
-
-    /// Bytes the rings take.
-    pub fn footprint(&self) -> u64 {
-        self.used + 6 + 8 * u64::from(self.size) - self.desc
-    }
-
-    /// The device-side queue, configured and ready.
-    pub fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).expect("power-of-two size");
-        q.set_size(self.size);
-        q.try_set_desc_table_address(GuestAddress(self.desc))
-            .expect("aligned");
-        q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .expect("aligned");
-        q.try_set_used_ring_address(GuestAddress(self.used))
-            .expect("aligned");
-        q.set_ready(true);
-        q
-    }
-
-    /// Writes descriptor `index` (modulo the size) as given.
-    pub fn write_desc(
-        &self,
-        mem: &GuestMemoryMmap,
-        index: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
-        let at = self.desc + 16 * u64::from(index % self.size);
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        let _ = mem.write_slice(&raw, GuestAddress(at));
-    }
-
-    /// Adds a well-formed chain of `(addr, len, device_writable)` buffers and publishes it.
-    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) {
-        if bufs.is_empty() {
-            return;
-        }
-        let head = self.next_desc;
-        for (i, (addr, len, write)) in bufs.iter().enumerate() {
-            let index = head.wrapping_add(i as u16) % self.size;
-            let mut flags = if *write {
-                virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            if i + 1 < bufs.len() {
-                flags |= virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
-            }
-            self.write_desc(mem, index, *addr, *len, flags, (index + 1) % self.size);
-        }
-        self.next_desc = head.wrapping_add(bufs.len() as u16) % self.size;
-        self.publish(mem, head);
-    }
-
-    /// Puts `head` in the available ring and bumps its index.
-    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        let _ = mem.write_obj(head, GuestAddress(slot));
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(mem, self.avail_idx);
-    }
-
-    /// Overwrites the available index (a misbehaving driver).
-    pub fn set_avail_idx(&self, mem: &GuestMemoryMmap, idx: u16) {
-        let _ = mem.write_obj(idx, GuestAddress(self.avail + 2));
-    }
-
-    /// The used ring's index.
-    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(GuestAddress(self.used + 2)).unwrap_or(0)
-    }
 }
 
 /// A PCI bus with the host bridge and a virtio-balloon (every feature offered) behind conf1.

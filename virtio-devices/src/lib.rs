@@ -68,8 +68,8 @@ pub mod transport;
 pub mod virtio;
 pub mod write_bitmap;
 
-#[cfg(test)]
-pub(crate) mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 
 /// The guest memory type used by the whole VMM: mmap-backed regions with a dirty bitmap that
 /// records the VMM's own writes for migration ([`WriteBitmap`]).

@@ -1,4 +1,5 @@
-//! Test helpers: a recording `MsiVectors`, guest memory and a driver-side split virtqueue.
+//! Test helpers: a recording `MsiVectors`, guest memory and a driver-side split virtqueue;
+//! the unit tests and, with the `fuzzing` feature, the fuzz targets drive devices with them.
 
 use std::sync::Mutex;
 
@@ -11,6 +12,7 @@ pub struct MockMsi {
 }
 
 impl MockMsi {
+    /// `n` vectors, none routed.
     pub fn new(n: usize) -> Self {
         MockMsi {
             routes: Mutex::new(vec![None; n]),
@@ -18,10 +20,12 @@ impl MockMsi {
         }
     }
 
+    /// The route of vector `v`.
     pub fn route(&self, v: u16) -> Option<MsiMessage> {
         self.routes.lock().unwrap()[usize::from(v)]
     }
 
+    /// The vectors triggered so far, in order.
     pub fn triggered(&self) -> Vec<u16> {
         self.triggered.lock().unwrap().clone()
     }
@@ -64,6 +68,7 @@ pub fn guest_memory(size: usize) -> Arc<GuestMemoryMmap> {
 /// Counts INTx assertions.
 #[derive(Default)]
 pub struct MockIntx {
+    /// Assertions so far.
     pub count: Mutex<usize>,
 }
 
@@ -77,11 +82,14 @@ impl IntxLine for MockIntx {
 /// Records the interrupts a device raises.
 #[derive(Default)]
 pub struct MockInterrupt {
+    /// Every interrupt raised, in order.
     pub events: Mutex<Vec<VirtioInterruptType>>,
+    /// Whether the device asked for a reset.
     pub needs_reset: Mutex<bool>,
 }
 
 impl MockInterrupt {
+    /// Configuration-change interrupts raised so far.
     pub fn config_count(&self) -> usize {
         self.events
             .lock()
@@ -106,9 +114,13 @@ impl VirtioInterrupt for MockInterrupt {
 /// The driver side of a split virtqueue living in guest memory.
 pub struct TestQueue {
     mem: Arc<GuestMemoryMmap>,
+    /// Queue size.
     pub size: u16,
+    /// Descriptor table address.
     pub desc: u64,
+    /// Available ring address.
     pub avail: u64,
+    /// Used ring address.
     pub used: u64,
     next_desc: u16,
     avail_idx: u16,
@@ -148,9 +160,9 @@ impl TestQueue {
         q
     }
 
-    /// Write descriptor `index` directly.
+    /// Write descriptor `index` (modulo the size) directly.
     pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = self.desc + 16 * u64::from(index);
+        let at = self.desc + 16 * u64::from(index % self.size);
         self.mem.write_obj(addr, GuestAddress(at)).unwrap();
         self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
         self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
